@@ -1,0 +1,109 @@
+"""fastmlp.compat gives the classic notebook's numbers."""
+
+import io
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+from conftest import ALL_BACKENDS
+
+import fastmlp.compat as compat
+import notebook
+
+
+@pytest.fixture
+def small_mnist(mnist):
+    X_train, y_train, X_test, y_test = mnist
+    X = ((X_train[:5000] / 255.0) - 0.5) * 2
+    Xv = ((X_test[:1000] / 255.0) - 0.5) * 2
+    return X, y_train[:5000], Xv, y_test[:1000]
+
+
+@pytest.mark.mnist
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_compat_matches_notebook_weights_and_output(small_mnist, backend, monkeypatch):
+    X, y, Xv, yv = small_mnist
+    monkeypatch.setattr(compat, "backend", backend)
+    ref = notebook.NeuralNetMLP(784, 50, 10, random_seed=123)
+    np.random.seed(123)
+    out_ref = io.StringIO()
+    with redirect_stdout(out_ref):
+        hist_ref = notebook.train(ref, X, y, Xv, yv, num_epochs=2, learning_rate=0.1)
+    state_after_ref = np.random.get_state()[1].copy()
+
+    ours = compat.NeuralNetMLP(784, 50, 10, random_seed=123)
+    np.random.seed(123)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        hist = compat.train(ours, X, y, Xv, yv, num_epochs=2, learning_rate=0.1)
+    # the global RNG was consumed exactly as the notebook consumes it
+    np.testing.assert_array_equal(np.random.get_state()[1], state_after_ref)
+    for name in ("weight_h", "bias_h", "weight_out", "bias_out"):
+        diff = np.max(np.abs(getattr(ours, name) - getattr(ref, name)))
+        assert diff <= 1e-10, f"{name} differs by {diff}"
+    assert out.getvalue() == out_ref.getvalue()
+    np.testing.assert_allclose(hist[0], hist_ref[0], rtol=1e-10)
+    assert hist[1] == hist_ref[1] and hist[2] == hist_ref[2]
+
+
+def test_compat_forward_backward_match_notebook(rng):
+    X = rng.normal(size=(37, 13))
+    y = rng.integers(0, 4, size=37)
+    a, b = compat.NeuralNetMLP(13, 7, 4, random_seed=5), notebook.NeuralNetMLP(13, 7, 4, random_seed=5)
+    for ours, ref in zip(a.forward(X), b.forward(X), strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-14)
+    ah, ao = b.forward(X)
+    for ours, ref in zip(a.backward(X, ah, ao, y), b.backward(X, ah, ao, y), strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-13, atol=1e-16)
+
+
+def test_compat_helpers(rng):
+    y = np.array([2, 0, 1, 2])
+    np.testing.assert_array_equal(compat.int_to_onehot(y, 3), notebook.int_to_onehot(y, 3))
+    probas = rng.random((4, 3))
+    assert compat.mse_loss(y, probas, 3) == pytest.approx(np.mean((notebook.int_to_onehot(y, 3) - probas) ** 2))
+    assert compat.accuracy(y, np.array([2, 0, 0, 2])) == 0.75
+    X = np.arange(25.0).reshape(25, 1)
+    np.random.seed(0)
+    batches = list(compat.minibatch_generator(X, np.arange(25), 10))
+    assert len(batches) == 2 and all(b[0].shape == (10, 1) for b in batches)
+    assert compat.minibatch_size == 100
+
+
+def test_compute_mse_and_acc_matches_notebook(rng):
+    X = rng.normal(size=(350, 20))
+    y = rng.integers(0, 10, size=350)
+    m1, m2 = compat.NeuralNetMLP(20, 8, 10, random_seed=1), notebook.NeuralNetMLP(20, 8, 10, random_seed=1)
+    np.random.seed(7)
+    ref = notebook.compute_mse_and_acc(m2, X, y)
+    np.random.seed(7)
+    ours = compat.compute_mse_and_acc(m1, X, y)
+    assert ours[0] == pytest.approx(ref[0], rel=1e-12)
+    assert ours[1] == ref[1]
+
+
+def test_compat_subclass_with_own_forward_runs_python_loop(rng):
+    class Scaled(compat.NeuralNetMLP):
+        def forward(self, x):
+            return super().forward(x * 0.5)
+
+    X = rng.normal(size=(300, 6))
+    y = rng.integers(0, 3, size=300)
+    m = Scaled(6, 4, 3)
+    np.random.seed(0)
+    with redirect_stdout(io.StringIO()):
+        loss, tr, va = compat.train(m, X, y, X, y, num_epochs=1)
+    assert len(loss) == 1 and 0 <= tr[0] <= 100
+
+
+def test_compat_bad_input():
+    m = compat.NeuralNetMLP(4, 3, 2)
+    X = np.zeros((200, 4))
+    with pytest.raises(ValueError, match="y_train"):
+        compat.train(m, X, np.full(200, 5), X, np.zeros(200, int), num_epochs=1)
+    with pytest.raises(ValueError, match="fewer than one minibatch"):
+        compat.train(m, X[:10], np.zeros(10, int), X, np.zeros(200, int), num_epochs=1)
+    with pytest.raises(ValueError, match="features"):
+        compat.train(m, np.zeros((200, 5)), np.zeros(200, int), X, np.zeros(200, int), num_epochs=1)
+    with pytest.raises(TypeError):
+        compat.NeuralNetMLP(4.5, 3, 2)

@@ -1,0 +1,269 @@
+"""Network: initialisation, inference, fit variants, persistence."""
+
+import io
+import os
+import zipfile
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+from conftest import ALL_BACKENDS
+
+import fastmlp
+import notebook
+from fastmlp import EarlyStopping, History, Network
+
+
+def _blobs(rng, n=300, n_features=8, n_classes=3):
+    centers = rng.normal(0, 3, size=(n_classes, n_features))
+    y = rng.integers(0, n_classes, size=n)
+    X = centers[y] + rng.normal(size=(n, n_features))
+    return X, y
+
+
+def test_init_matches_notebook():
+    net = Network([784, 50, 10], seed=123)
+    ref = notebook.NeuralNetMLP(784, 50, 10, random_seed=123)
+    np.testing.assert_array_equal(net.weights[0], ref.weight_h)
+    np.testing.assert_array_equal(net.weights[1], ref.weight_out)
+    assert not net.biases[0].any() and not net.biases[1].any()
+    assert [W.shape for W in net.weights] == [(50, 784), (10, 50)]
+
+
+def test_repr_and_config():
+    net = Network([4, 6, 5, 3], activation="relu", output="softmax", loss="ce", dtype="float32", backend="numpy")
+    r = repr(net)
+    assert "4-6-5-3" in r and "float32" in r and "numpy" in r and "relu" in r
+    assert net.config()["layers"] == [4, 6, 5, 3]
+    assert net.n_parameters == 4 * 6 + 6 + 6 * 5 + 5 + 5 * 3 + 3
+    assert all(W.dtype == np.float32 for W in net.weights)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [({"layers": [4]}, ValueError, "at least"), ({"layers": [4, 0]}, ValueError, "layers\\[1\\]"),
+     ({"layers": "784"}, TypeError, "layers"), ({"activation": "softmax"}, ValueError, "activation"),
+     ({"output": "tanh"}, ValueError, "output"), ({"loss": "hinge"}, ValueError, "loss"),
+     ({"output": "identity", "loss": "ce"}, ValueError, "needs output"), ({"dtype": "int32"}, ValueError, "dtype"),
+     ({"backend": "fortran"}, ValueError, "unknown backend"), ({"seed": -1}, ValueError, "seed")],
+)  # fmt: skip
+def test_constructor_rejects_bad_arguments(kwargs, exc, match):
+    args = {"layers": [4, 3, 2], **kwargs}
+    layers = args.pop("layers")
+    with pytest.raises(exc, match=match):
+        Network(layers, **args)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fit_learns_blobs(backend, dtype, rng):
+    X, y = _blobs(rng)
+    net = Network([8, 16, 3], output="softmax", loss="ce", dtype=dtype, backend=backend, seed=0)
+    hist = net.fit(X, y, epochs=15, batch_size=32, lr=0.5, X_valid=X, y_valid=y, verbose=False, seed=1)
+    assert isinstance(hist, History) and len(hist) == 15
+    assert hist.valid_acc[-1] > 0.9
+    assert hist.train_loss[-1] < hist.train_loss[0]
+    d = hist.as_dict()
+    assert set(d) >= {"train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds"}
+    assert d["lr"] == [0.5] * 15
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, None])
+def test_stochastic_minibatch_and_full_batch(batch_size, rng):
+    X, y = _blobs(rng, n=60)
+    net = Network([8, 5, 3], backend="numpy", seed=0)
+    before = net.get_params()
+    hist = net.fit(X, y, epochs=2, batch_size=batch_size, lr=0.5, verbose=False, seed=0)
+    assert len(hist) == 2
+    assert not np.allclose(before[0][0], net.weights[0])
+    if batch_size is None:  # full batch: exactly one step per epoch
+        assert net.step_ == 2
+    elif batch_size == 7:  # the last partial batch is used: ceil(60/7) = 9 steps
+        assert net.step_ == 18
+
+
+def test_fit_uses_last_partial_batch(rng):
+    X, y = _blobs(rng, n=21)
+    a = Network([8, 3], backend="numpy", seed=0)
+    a.fit(X, y, epochs=1, batch_size=10, shuffle=False, verbose=False)
+    b = Network([8, 3], backend="numpy", seed=0)
+    for start in (0, 10, 20):  # three steps, the last with one row
+        b.fit(X[start : start + 10], y[start : start + 10], epochs=1, batch_size=10, shuffle=False, verbose=False)
+    np.testing.assert_allclose(a.weights[0], b.weights[0], rtol=1e-12)
+
+
+def test_uint8_input_is_cast_once(rng):
+    X = rng.integers(0, 256, size=(50, 8)).astype(np.uint8)
+    y = rng.integers(0, 3, size=50)
+    net = Network([8, 3], dtype="float32", backend="numpy", seed=0)
+    net.fit(X, y, epochs=1, verbose=False)
+    assert net.predict(X).shape == (50,)
+    assert net.predict_proba(X).dtype == np.float32
+
+
+def test_same_seed_same_weights(rng):
+    X, y = _blobs(rng)
+    runs = []
+    for _ in range(2):
+        net = Network([8, 6, 3], seed=4, backend="numpy")
+        net.fit(X, y, epochs=2, seed=9, dropout=0.3, verbose=False)
+        runs.append(net.weights[0].copy())
+    np.testing.assert_array_equal(*runs)
+
+
+def test_evaluate_and_predict(rng):
+    X, y = _blobs(rng)
+    net = Network([8, 12, 3], output="softmax", loss="ce", backend="numpy", seed=0)
+    net.fit(X, y, epochs=10, lr=0.5, batch_size=20, verbose=False)
+    loss, acc = net.evaluate(X, y)
+    P = net.predict_proba(X)
+    np.testing.assert_allclose(P.sum(1), 1.0, rtol=1e-12)
+    assert acc == pytest.approx(np.mean(net.predict(X) == y))
+    assert loss == pytest.approx(-np.mean(np.log(P[np.arange(len(y)), y])))
+    acts = net.forward(X)
+    assert [a.shape for a in acts] == [(300, 12), (300, 3)]
+    np.testing.assert_allclose(acts[-1], P)
+
+
+def test_fit_prints_epoch_lines(rng):
+    X, y = _blobs(rng, n=50)
+    net = Network([8, 3], backend="numpy", seed=0)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        net.fit(X, y, epochs=2, X_valid=X, y_valid=y)
+    lines = out.getvalue().splitlines()
+    assert lines[1].startswith("Epoch: 001/002 | Train loss:") and "Valid Acc:" in lines[2]
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [({"epochs": 0}, ValueError, "epochs"), ({"lr": -0.1}, ValueError, "lr"), ({"batch_size": 0}, ValueError, "batch_size"),
+     ({"dropout": 1.0}, ValueError, "dropout"), ({"l2": -1.0}, ValueError, "l2"),
+     ({"X_valid": np.zeros((3, 8))}, ValueError, "both"), ({"early_stopping": 3}, ValueError, "validation data"),
+     ({"epochs": 1.5}, TypeError, "epochs")],
+)  # fmt: skip
+def test_fit_rejects_bad_arguments(kwargs, exc, match, rng):
+    X, y = _blobs(rng, n=30)
+    net = Network([8, 3], backend="numpy", seed=0)
+    args = {"epochs": 1, "verbose": False, **kwargs}
+    with pytest.raises(exc, match=match):
+        net.fit(X, y, **args)
+
+
+@pytest.mark.parametrize(
+    "X,y,exc,match",
+    [(np.zeros((5, 7)), np.zeros(5, int), ValueError, "features"), (np.zeros((5, 8)), np.zeros(4, int), ValueError, "match"),
+     (np.full((5, 8), np.nan), np.zeros(5, int), ValueError, "NaN"), (np.zeros((5, 8)), np.full(5, 3), ValueError, r"\[0, 3\)"),
+     (np.zeros((5, 8), complex), np.zeros(5, int), TypeError, "real"), (np.zeros(8), np.zeros(1, int), ValueError, "2-D"),
+     (np.zeros((5, 8)), np.full(5, 0.5), TypeError, "integer")],
+)  # fmt: skip
+def test_fit_rejects_bad_data(X, y, exc, match):
+    net = Network([8, 3], backend="numpy", seed=0)
+    with pytest.raises(exc, match=match):
+        net.fit(X, y, epochs=1, verbose=False)
+
+
+def test_divergence_keeps_last_finite_weights(rng):
+    X, y = _blobs(rng)
+    X *= 1e30
+    net = Network([8, 4, 3], activation="identity", output="identity", loss="mse", backend="numpy", seed=0)
+    before = net.get_params()
+    with pytest.raises(FloatingPointError, match="diverged"):
+        net.fit(X, y, epochs=3, lr=10.0, verbose=False)
+    assert net.history_.diverged
+    np.testing.assert_array_equal(net.weights[0], before[0][0])
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        h = net.fit(X, y, epochs=3, lr=10.0, verbose=False, on_divergence="stop")
+    assert h.diverged and all(np.isfinite(W).all() for W in net.weights)
+
+
+def test_keyboard_interrupt_returns_partial_history(rng, monkeypatch):
+    X, y = _blobs(rng)
+    net = Network([8, 4, 3], backend="numpy", seed=0)
+    raw = net.backend.raw
+    calls = {"n": 0}
+    real = raw.train_epoch
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            args[3][0][...] = 123.0  # a half-finished epoch...
+            raise KeyboardInterrupt  # ...interrupted by Ctrl-C
+        return real(*args)
+
+    monkeypatch.setattr(raw, "train_epoch", flaky)
+    hist = net.fit(X, y, epochs=5, verbose=False)
+    assert hist.interrupted and len(hist) == 2
+    assert not (net.weights[0] == 123.0).any()  # weights of the last complete epoch
+
+
+def test_early_stopping_restores_best(rng):
+    X, y = _blobs(rng, n=200)
+    Xv, yv = _blobs(np.random.default_rng(99), n=100)  # a different problem: validation gets worse
+    net = Network([8, 16, 3], backend="numpy", seed=0)
+    es = EarlyStopping(patience=2)
+    hist = net.fit(X, y, epochs=50, lr=1.0, X_valid=Xv, y_valid=yv, early_stopping=es, verbose=False)
+    assert hist.best_epoch is not None and hist.restored_best
+    best = hist.best_epoch
+    assert hist.valid_loss[best - 1] == min(hist.valid_loss)
+    if hist.stopped_epoch is not None:
+        assert hist.stopped_epoch == best + 2
+    loss, _ = net.evaluate(Xv, yv)
+    assert loss == pytest.approx(hist.valid_loss[best - 1], rel=1e-12)
+
+
+def test_save_load_roundtrip(tmp_path, rng):
+    X, y = _blobs(rng)
+    net = Network([8, 5, 3], activation="tanh", output="softmax", loss="ce", dtype="float32", backend="numpy", seed=2)
+    net.fit(X, y, epochs=2, verbose=False)
+    p = net.save(tmp_path / "model")
+    assert p.name == "model.npz" and p.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    net2 = Network.load(p)
+    assert net2.config() == net.config()
+    for a, b in zip(net.weights + net.biases, net2.weights + net2.biases, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(net.predict_proba(X), net2.predict_proba(X))
+
+
+def test_load_rejects_bad_files(tmp_path):
+    net = Network([3, 2], seed=0)
+    good = net.save(tmp_path / "m.npz")
+    data = good.read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        Network.load(tmp_path / "trunc.npz")
+    np.savez(tmp_path / "foreign.npz", a=np.arange(3))
+    with pytest.raises(ValueError, match="not a fastmlp model"):
+        Network.load(tmp_path / "foreign.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError):
+        Network.load(tmp_path / "text.npz")
+    with pytest.raises(FileNotFoundError):
+        Network.load(tmp_path / "missing.npz")
+    # a newer format version is refused
+    import json
+
+    with np.load(good) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["format_version"] = 99
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "newer.npz", **arrays)
+    with pytest.raises(ValueError, match="newer"):
+        Network.load(tmp_path / "newer.npz")
+    assert zipfile.is_zipfile(good)
+
+
+def test_registry():
+    names = fastmlp.available_backends()
+    assert "numpy" in names
+    assert fastmlp.get_backend("numpy").name == "numpy"
+    assert fastmlp.get_backend("auto").name == names[0]
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastmlp.get_backend("cuda")
+
+
+def test_backend_env_var(monkeypatch):
+    monkeypatch.setenv("FASTMLP_BACKEND", "numpy")
+    assert Network([2, 2]).backend.name == "numpy"
