@@ -173,17 +173,18 @@ def compute_mse_and_acc(
     """Mean of the per-minibatch MSE and the accuracy, over shuffled full minibatches (the notebook's)."""
     mbs = V.check_int(minibatch_size, "minibatch_size", minimum=1)
     if not _is_plain(nnet):
-        mse, correct_pred, num_examples, i = 0.0, 0, 0, -1
-        for i, (features, targets) in enumerate(minibatch_generator(X, y, mbs)):
+        mse, correct_pred, num_examples, n_batches = 0.0, 0, 0, 0
+        for features, targets in minibatch_generator(X, y, mbs):
+            n_batches += 1
             _, probas = nnet.forward(features)
             predicted_labels = np.argmax(probas, axis=1)
             onehot_targets = int_to_onehot(targets, num_labels=num_labels)
             mse += np.mean((onehot_targets - probas) ** 2)
             correct_pred += (predicted_labels == targets).sum()
             num_examples += targets.shape[0]
-        if i < 0:
+        if n_batches == 0:
             raise ValueError(f"X has {len(X)} rows, fewer than one minibatch of {mbs}")
-        return mse / (i + 1), correct_pred / num_examples
+        return mse / n_batches, correct_pred / num_examples
     weights, biases = _params(nnet)
     Xc, yc = _check_data(X, y, weights[0].shape[1], num_labels, mbs, "")
     if num_labels != weights[-1].shape[0]:
@@ -260,7 +261,7 @@ def train(
         # and keeps other class counts working
         n_labels = getattr(model, "num_classes", 10)
         train_mse, train_acc = compute_mse_and_acc(model, X_train, y_train, num_labels=n_labels)
-        valid_mse, valid_acc = compute_mse_and_acc(model, X_valid, y_valid, num_labels=n_labels)
+        _valid_mse, valid_acc = compute_mse_and_acc(model, X_valid, y_valid, num_labels=n_labels)
         train_acc, valid_acc = train_acc * 100, valid_acc * 100
         epoch_train_acc.append(train_acc)
         epoch_valid_acc.append(valid_acc)

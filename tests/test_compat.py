@@ -3,12 +3,12 @@
 import io
 from contextlib import redirect_stdout
 
+import notebook
 import numpy as np
 import pytest
 from conftest import ALL_BACKENDS
 
 import fastmlp.compat as compat
-import notebook
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The reference backend: finite-difference gradients, loop oracles, the mask generator."""
 
+import naive
 import numpy as np
 import pytest
 
-import naive
 from fastmlp import get_backend
 from fastmlp.backends import _contract as C
 

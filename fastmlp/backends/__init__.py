@@ -25,7 +25,7 @@ import numpy as np
 from fastmlp import _validation as V
 from fastmlp.backends._contract import ACT_CODES, KEEP_BITS, LOSS_CODES, keep_threshold
 
-__all__ = ["Backend", "available_backends", "get_backend", "backend_errors"]
+__all__ = ["Backend", "available_backends", "backend_errors", "get_backend"]
 
 logger = logging.getLogger("fastmlp")
 
@@ -320,7 +320,7 @@ def _load(name: str) -> Backend:
         raise ImportError(f"backend {name!r} is not available: {_errors[name]}")
     try:
         module = importlib.import_module(_MODULES[name])
-    except Exception as exc:  # noqa: BLE001 - any failure to load makes the backend unavailable
+    except Exception as exc:
         _errors[name] = f"{type(exc).__name__}: {exc}"
         raise ImportError(f"backend {name!r} is not available: {_errors[name]}") from exc
     _cache[name] = Backend(module)

@@ -94,7 +94,7 @@ KEEP_BITS = 24
 
 def keep_threshold(keep: float) -> int:
     """Integer threshold for the 24-bit draw: a unit is kept iff ``(h >> 40) < threshold``."""
-    return int(math.floor(float(keep) * (1 << KEEP_BITS)))
+    return math.floor(float(keep) * (1 << KEEP_BITS))
 
 
 def _mix64_int(z: int) -> int:
