@@ -135,14 +135,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _mirrors() -> tuple[str, ...]:
+    """Download mirrors: ``$FASTMLP_MNIST_MIRRORS`` (comma-separated base URLs) or :data:`MNIST_MIRRORS`."""
+    env = os.environ.get("FASTMLP_MNIST_MIRRORS")
+    if env:
+        return tuple(m if m.endswith("/") else m + "/" for m in env.split(",") if m)
+    return MNIST_MIRRORS
+
+
 def _download(dest: Path, timeout: float = 30.0) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
-    errors = []
+    errors: list[str] = []
+    mirrors = _mirrors()
     for name in MNIST_FILES:
         target = dest / name
         if target.is_file() and _sha256(target) == MNIST_SHA256[name]:
             continue
-        for mirror in MNIST_MIRRORS:
+        for mirror in mirrors:
             try:
                 fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.")
                 with os.fdopen(fd, "wb") as out, urllib.request.urlopen(mirror + name, timeout=timeout) as resp:
@@ -159,12 +168,15 @@ def _download(dest: Path, timeout: float = 30.0) -> list[Path]:
                     os.unlink(tmp)
                 errors.append(f"{mirror}{name}: {exc}")
         else:
-            raise DataNotFoundError("could not download MNIST: " + "; ".join(errors[-len(MNIST_MIRRORS):]))
+            raise DataNotFoundError("could not download MNIST: " + "; ".join(errors[-len(mirrors) :]))
     return [dest / name for name in MNIST_FILES]
 
 
 def find_mnist(path: str | os.PathLike[str] | None = None, download: bool = True) -> list[Path]:
     """Locate the four MNIST-layout files: ``path``, ``$FASTMLP_DATA``, the user cache, then a download.
+
+    The download tries each mirror (``$FASTMLP_MNIST_MIRRORS`` overrides the list) and
+    keeps a file only when its SHA-256 matches the canonical digest.
 
     Returns
     -------
