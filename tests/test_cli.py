@@ -70,7 +70,8 @@ def test_digits_fallback_when_mnist_unreachable(tmp_path):
     "args,needle",
     [(["train", "--data", "nowhere"], "no such directory"), (["train", "--backend", "gpu"], "unknown backend"),
      (["train", "--lr", "-0.1"], "--lr"), (["train", "--dropout", "1"], "--dropout"), (["train", "--epochs", "0"], "--epochs"),
-     (["predict", "--model", "missing.npz", "--data", "digits"], "missing.npz"), (["predict", "--model", "bad.npz", "--data", "digits"], "bad.npz"),
+     (["predict", "--model", "missing.npz", "--data", "digits"], "missing.npz"),
+     (["predict", "--model", "bad.npz", "--data", "digits"], "bad.npz"),
      (["train", "--data", "corrupt"], "corrupt"), (["bench", "--configs", "xyz"], "--configs")],
 )  # fmt: skip
 def test_user_errors_are_one_line_exit_2(tmp_path, rng, args, needle):
