@@ -8,16 +8,37 @@ pure-NumPy reference backend that defines the maths, and
 from fastmlp._version import __version__
 from fastmlp.backends import available_backends, get_backend
 from fastmlp.callbacks import Callback, EarlyStopping
+from fastmlp.lr_finder import LRFinderResult, lr_find
+from fastmlp.mc_dropout import MCPrediction
 from fastmlp.network import Network
+from fastmlp.schedules import (
+    Constant,
+    CosineAnnealingLR,
+    ExponentialLR,
+    LinearLR,
+    ReduceLROnPlateau,
+    Schedule,
+    StepLR,
+)
 from fastmlp.training import History, fit
 
 __all__ = [
     "Callback",
+    "Constant",
+    "CosineAnnealingLR",
     "EarlyStopping",
+    "ExponentialLR",
     "History",
+    "LRFinderResult",
+    "LinearLR",
+    "MCPrediction",
     "Network",
+    "ReduceLROnPlateau",
+    "Schedule",
+    "StepLR",
     "__version__",
     "available_backends",
     "fit",
     "get_backend",
+    "lr_find",
 ]

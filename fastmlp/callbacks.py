@@ -92,7 +92,8 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, net: Network, history: History) -> bool:
         value = getattr(history, self.monitor)[-1]
         epoch = history.epoch[-1]
-        if self.best_epoch is None or self._improved(value):
+        # a non-finite value never counts as an improvement (a NaN best would block every later one)
+        if np.isfinite(value) and (self.best_epoch is None or self._improved(value)):
             self.best_value, self.best_epoch, self._wait = float(value), epoch, 0
             self.best_weights = net.get_params()
             history.best_epoch = epoch

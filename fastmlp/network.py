@@ -19,6 +19,7 @@ from fastmlp.backends import reference as _ref
 from fastmlp.backends._contract import ACT_CODES, LOSS_CODES
 
 if TYPE_CHECKING:
+    from fastmlp.mc_dropout import MCPrediction
     from fastmlp.training import History
 
 #: version of the ``.npz`` model format written by :meth:`Network.save`
@@ -57,6 +58,9 @@ class Network:
         ``W`` of each layer, shape ``(n_out, n_in)``.
     biases : list of ndarray
         ``b`` of each layer, shape ``(n_out,)``.
+    dropout_, input_dropout_ : float or None
+        Drop probabilities of the last :meth:`fit` (``None`` before any);
+        the default rates of :meth:`mc_predict`; kept by :meth:`save`.
 
     Examples
     --------
@@ -91,6 +95,9 @@ class Network:
             self.biases.append(np.zeros(n_out, dtype=self.dtype))
         #: keep probability of each layer's input when dropout scales at prediction time (classic dropout)
         self.predict_keep: list[float] | None = None
+        #: drop probabilities of hidden units and inputs in the last fit (defaults of mc_predict)
+        self.dropout_: float | None = None
+        self.input_dropout_: float | None = None
         #: global minibatch step counter (dropout masks never repeat across fits)
         self.step_: int = 0
         self.history_: History | None = None
@@ -216,6 +223,52 @@ class Network:
         """Predicted class indices ``(n_samples,)`` (arg-max of the output)."""
         return np.argmax(self.predict_proba(X), axis=1)
 
+    def mc_predict(
+        self,
+        X: np.ndarray,
+        n_samples: int = 30,
+        seed: int | None = None,
+        dropout: float | None = None,
+        input_dropout: float | None = None,
+    ) -> MCPrediction:
+        """Monte-Carlo dropout: ``n_samples`` forward passes with dropout on, averaged.
+
+        Each pass draws a fresh dropout mask for every row and unit from the
+        counter-based generator of the kernel contract, so the result is
+        reproducible with ``seed`` and identical on every backend.  Rows are
+        processed in blocks, so memory stays bounded for any ``X``.
+
+        Parameters
+        ----------
+        X : array-like (n_rows, n_features)
+        n_samples : int
+            Forward passes (>= 1).
+        seed : int, optional
+            Seed of the masks; ``None`` draws one (stored in the result).
+        dropout, input_dropout : float, optional
+            Drop probabilities of hidden units and inputs; default: the rates
+            of the last :meth:`fit` (``dropout_``, ``input_dropout_``).
+            Inverted scaling ``1/keep`` is used; a network trained with
+            ``dropout_scaling='predict'`` gets its masks scaled by
+            ``keep_trained/keep`` instead (1 at the trained rate).
+
+        Returns
+        -------
+        MCPrediction
+            ``mean`` and ``std`` of the class probabilities ``(n_rows, n_classes)``
+            and the predictive ``entropy`` ``(n_rows,)``; unpacks as
+            ``mean, std, entropy = net.mc_predict(X)``.  Sigmoid and identity
+            outputs are normalized to sum to one per row first.
+
+        Raises
+        ------
+        ValueError
+            When no rate is given and the network was not fitted with dropout.
+        """
+        from fastmlp.mc_dropout import mc_predict
+
+        return mc_predict(self, X, n_samples=n_samples, seed=seed, dropout=dropout, input_dropout=input_dropout)
+
     def evaluate(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """Mean data loss and accuracy on ``(X, y)``.
 
@@ -277,7 +330,8 @@ class Network:
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
         meta = {"format": "fastmlp", "format_version": FORMAT_VERSION, "config": self.config(),
-                "predict_keep": self.predict_keep, "step": self.step_}  # fmt: skip
+                "predict_keep": self.predict_keep, "step": self.step_,
+                "dropout": self.dropout_, "input_dropout": self.input_dropout_}  # fmt: skip
         arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
         for i, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             arrays[f"W{i}"] = W
@@ -338,4 +392,7 @@ class Network:
             raise ValueError(f"{path} is missing parameters or has a bad configuration: {exc}") from exc
         net.predict_keep = meta.get("predict_keep")
         net.step_ = int(meta.get("step", 0))
+        for key in ("dropout", "input_dropout"):
+            rate = meta.get(key)
+            setattr(net, f"{key}_", None if rate is None else float(rate))
         return net

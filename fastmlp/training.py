@@ -41,6 +41,11 @@ class History:
         when no validation data was given).
     lr : list of float
         Mean learning rate used in the epoch.
+    step_lr : list of ndarray
+        With a schedule (``lr`` given as an object with ``epoch_lrs``): the
+        learning rate of every minibatch step, one float64 array
+        ``(n_steps,)`` per epoch; empty for a constant float ``lr``.
+        :meth:`iteration_lr` concatenates them.
     seconds : list of float
         Wall time of each epoch (training and evaluation).
     best_epoch, stopped_epoch : int or None
@@ -57,6 +62,7 @@ class History:
     valid_acc: list[float] | None = None
     lr: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    step_lr: list[np.ndarray] = field(default_factory=list)
     best_epoch: int | None = None
     stopped_epoch: int | None = None
     interrupted: bool = False
@@ -69,6 +75,10 @@ class History:
         d.update(best_epoch=self.best_epoch, stopped_epoch=self.stopped_epoch, interrupted=self.interrupted,
                  diverged=self.diverged, restored_best=self.restored_best)  # fmt: skip
         return d
+
+    def iteration_lr(self) -> np.ndarray:
+        """Learning rate of every minibatch step of the fit, ``(n_steps_total,)``; empty without a schedule."""
+        return np.concatenate(self.step_lr) if self.step_lr else np.empty(0)
 
     def __len__(self) -> int:
         return len(self.epoch)
@@ -142,7 +152,10 @@ def fit(
         partial batch is used.
     lr : float or schedule
         Learning rate, or a schedule from :mod:`fastmlp.schedules` (anything
-        with ``epoch_lrs(epoch, n_steps)``).
+        with ``epoch_lrs(epoch, n_steps)``; optional ``on_train_begin(history)``
+        and ``step_epoch(history)`` are called before the first and after
+        each epoch).  With a schedule, ``History.step_lr`` records the rate of
+        every step.
     X_valid, y_valid : array-like, optional
         Validation data, evaluated after each epoch.
     shuffle : bool
@@ -212,6 +225,8 @@ def fit(
     thresholds = np.array([min(keep_threshold(k), 1 << KEEP_BITS) for k in keeps], dtype=np.int64)
     scales = np.array([1.0 / k if inverted else 1.0 for k in keeps], dtype=np.float64)
     net.predict_keep = None if inverted or (dropout == 0 and input_dropout == 0) else keeps
+    # the rates of the last fit: the defaults of Network.mc_predict
+    net.dropout_, net.input_dropout_ = dropout, input_dropout
 
     rng = np.random.default_rng(seed if seed is not None else [net.seed or 0, net.step_, 0x5EED])
     mask_seed = int(rng.integers(0, 2**63))
@@ -224,6 +239,8 @@ def fit(
         print(f"Training {net!r} on {n} samples, {n_steps} steps/epoch", flush=True)
     for cb in cbs:
         cb.on_train_begin(net, hist)
+    if hasattr(lr, "on_train_begin"):
+        lr.on_train_begin(hist)
     snapshot = net.get_params()
     try:
         for epoch in range(epochs):
@@ -252,6 +269,8 @@ def fit(
             hist.train_loss.append(float(data_loss + net.penalty(l2, l1)))
             hist.train_acc.append(n_correct / n)
             hist.lr.append(float(np.mean(lrs)))
+            if hasattr(lr, "epoch_lrs"):
+                hist.step_lr.append(lrs.copy())
             if Xv is not None:
                 vl, va = net._evaluate_checked(Xv, yv)
                 hist.valid_loss.append(vl)  # type: ignore[union-attr]
