@@ -102,6 +102,21 @@ class Network:
         self.step_: int = 0
         self.history_: History | None = None
 
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # the backend is a handle on compiled modules: pickle it by name, look it up again on load
+        state = self.__dict__.copy()
+        state["_backend"] = self._backend.name
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        name = state.get("_backend", "auto")
+        self.__dict__.update(state)
+        try:
+            self._backend = get_backend(name)
+        except ImportError:  # unpickled where that backend cannot load: the fastest one here
+            self._backend = get_backend("auto")
+
     # ------------------------------------------------------------------ properties
     @property
     def backend(self) -> Backend:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -135,6 +138,9 @@ def fit(
     early_stopping: int | EarlyStopping | None = None,
     callbacks: Sequence[Callback] | None = None,
     on_divergence: str = "raise",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
 ) -> History:
     """Train ``net`` by minibatch stochastic gradient descent.
 
@@ -179,6 +185,17 @@ def fit(
     on_divergence : {'raise', 'stop'}
         On a non-finite loss or weight: restore the last finite weights, then
         raise ``FloatingPointError`` or warn and stop.
+    checkpoint : path, optional
+        Write the whole training state (weights, step counter, shuffling RNG,
+        history, callback and schedule state) to this file, atomically, every
+        ``checkpoint_every`` epochs, at the end, and on Ctrl-C.  The file is a
+        pickle: load only checkpoints you wrote yourself.
+    checkpoint_every : int
+        Epochs between checkpoints.
+    resume : bool
+        Continue from ``checkpoint`` if that file exists (same data size,
+        batch size and network; otherwise a ``ValueError``): the run ends with
+        the same weights as an uninterrupted one.  A missing file starts afresh.
 
     Returns
     -------
@@ -211,6 +228,9 @@ def fit(
     if on_divergence not in ("raise", "stop"):
         raise ValueError(f"on_divergence must be 'raise' or 'stop', got {on_divergence!r}")
     seed = V.check_seed(seed)
+    checkpoint_every = V.check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint='path' (the file to resume from)")
     cbs: list[Callback] = list(callbacks or [])
     if early_stopping is not None and early_stopping is not False:
         cbs.append(early_stopping if isinstance(early_stopping, EarlyStopping)
@@ -241,9 +261,20 @@ def fit(
         cb.on_train_begin(net, hist)
     if hasattr(lr, "on_train_begin"):
         lr.on_train_begin(hist)
+    signature = {"layers": list(net.layers), "dtype": net.dtype.name, "n": n, "batch_size": bs, "epochs": epochs}
+    first_epoch = 0
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        first_epoch, mask_seed, hist = _load_checkpoint(checkpoint, signature, net, rng, cbs, lr)
+        net.history_ = hist
+        if hist.stopped_epoch is not None:  # the checkpointed run had already stopped early
+            first_epoch = epochs
+        if verbose:
+            print(f"Resumed from {checkpoint} after epoch {first_epoch}", flush=True)
     snapshot = net.get_params()
+    state_at_epoch_start = (net.step_, rng.bit_generator.state)
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
+            state_at_epoch_start = (net.step_, rng.bit_generator.state)
             t0 = time.perf_counter()
             order = rng.permutation(n) if shuffle else np.arange(n, dtype=np.int64)
             lrs = _epoch_lrs(lr, epoch, n_steps, net.step_)
@@ -278,23 +309,83 @@ def fit(
             hist.seconds.append(time.perf_counter() - t0)
             if verbose:
                 _print_epoch(hist, epochs)
+            # the epoch is complete from here on: an interrupt rolls back to this point
             snapshot = net.get_params()
+            state_at_epoch_start = (net.step_, rng.bit_generator.state)
             stop = False
             for cb in cbs:
                 stop = cb.on_epoch_end(net, hist) or stop
             if hasattr(lr, "step_epoch"):
                 lr.step_epoch(hist)
+            if checkpoint is not None and (stop or (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
+                _save_checkpoint(checkpoint, signature, epoch + 1, net, rng, mask_seed, hist, cbs, lr)
             if stop:
                 break
     except KeyboardInterrupt:
+        # back to the end of the last complete epoch: weights, step counter and shuffling RNG
         net.set_params(*snapshot)
+        net.step_, rng_state = state_at_epoch_start
+        rng.bit_generator.state = rng_state
         hist.interrupted = True
+        if checkpoint is not None and hist.epoch:
+            _save_checkpoint(checkpoint, signature, hist.epoch[-1], net, rng, mask_seed, hist, cbs, lr)
         print(f"\nInterrupted after {len(hist.epoch)} complete epochs; the network keeps consistent weights.",
               file=sys.stderr, flush=True)  # fmt: skip
     finally:
         for cb in cbs:
             cb.on_train_end(net, hist)
     return hist
+
+
+_CHECKPOINT_FORMAT = ("fastmlp-checkpoint", 1)
+
+
+def _save_checkpoint(path: str | os.PathLike[str], signature: dict[str, Any], epochs_done: int, net: Network,
+                     rng: np.random.Generator, mask_seed: int, hist: History, cbs: list[Callback], lr: Any) -> None:  # fmt: skip
+    """Write the training state atomically (temp file in the same directory, fsync, rename)."""
+    state = {
+        "format": _CHECKPOINT_FORMAT, "signature": signature, "epochs_done": epochs_done,
+        "params": net.get_params(), "step": net.step_, "rng": rng.bit_generator.state, "mask_seed": mask_seed,
+        "history": hist, "callbacks": [cb.__dict__ for cb in cbs],
+        "schedule": lr.__dict__ if hasattr(lr, "epoch_lrs") else None,
+    }  # fmt: skip
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_checkpoint(path: str | os.PathLike[str], signature: dict[str, Any], net: Network, rng: np.random.Generator,
+                     cbs: list[Callback], lr: Any) -> tuple[int, int, History]:  # fmt: skip
+    """Restore the state written by :func:`_save_checkpoint`; returns ``(epochs_done, mask_seed, history)``."""
+    try:
+        with open(path, "rb") as fh:
+            state = pickle.load(fh)
+        fmt = state["format"]
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable fastmlp checkpoint: {exc}") from exc
+    if fmt[0] != _CHECKPOINT_FORMAT[0] or fmt[1] > _CHECKPOINT_FORMAT[1]:
+        raise ValueError(f"{path} is not a fastmlp checkpoint of a known format version ({fmt})")
+    if state["signature"] != signature:
+        raise ValueError(f"{path} was written by a different run ({state['signature']}); this run is {signature}")
+    if len(state["callbacks"]) != len(cbs):
+        raise ValueError(f"{path} holds {len(state['callbacks'])} callback states but this run has {len(cbs)} callbacks")
+    net.set_params(*state["params"])
+    net.step_ = state["step"]
+    rng.bit_generator.state = state["rng"]
+    for cb, cb_state in zip(cbs, state["callbacks"], strict=True):
+        cb.__dict__.update(cb_state)
+    if state["schedule"] is not None and hasattr(lr, "epoch_lrs"):
+        lr.__dict__.update(state["schedule"])
+    return int(state["epochs_done"]), int(state["mask_seed"]), state["history"]
 
 
 def _print_epoch(hist: History, epochs: int) -> None:
