@@ -31,7 +31,8 @@ def check_dtype(dtype: object, name: str = "dtype") -> np.dtype:
         raise TypeError(f"{name} must be 'float32' or 'float64', got {dtype!r}") from exc
     if dt.name not in DTYPES:
         raise ValueError(f"{name} must be 'float32' or 'float64', got {dt.name!r}")
-    return dt
+    # native byte order: the kernels cannot read a byte-swapped ('>f8') buffer
+    return np.dtype(dt.name)
 
 
 def check_activation(act: object, name: str, *, output: bool = False) -> str:
@@ -63,8 +64,10 @@ def check_act_code(act: object, name: str = "act") -> str:
     return act
 
 
-def check_int(value: object, name: str, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
-    """An integer (not bool) at least ``minimum``."""
+def check_int(
+    value: object, name: str, *, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False
+) -> int | None:
+    """An integer (not bool) in ``[minimum, maximum]``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -72,6 +75,8 @@ def check_int(value: object, name: str, *, minimum: int | None = None, allow_non
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -109,6 +114,25 @@ def check_seed(seed: object, name: str = "seed") -> int | None:
     return seed
 
 
+#: largest array dimension the kernels accept: BLAS takes sizes and strides as C ``int``
+MAX_DIM = 2**31 - 1
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether a float array holds no NaN or infinity, without a temporary of its size.
+
+    One summation pass decides almost every array (NaN and Inf propagate into
+    the sum); only when the sum is not finite (which a huge finite array can
+    also cause) do min and max decide exactly.
+    """
+    if a.size == 0 or a.dtype.kind not in "fc":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(a.sum()):
+            return True
+        return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
 def as_features(X: object, dtype: np.dtype, name: str = "X", n_features: int | None = None) -> np.ndarray:
     """Cast a feature matrix once to ``dtype``, C-contiguous, finite, 2-D.
 
@@ -133,9 +157,10 @@ def as_features(X: object, dtype: np.dtype, name: str = "X", n_features: int | N
         raise ValueError(f"{name} has no rows: shape {arr.shape}")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features but the network expects {n_features}")
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    if out.dtype.kind == "f" and not np.isfinite(out).all():
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a ValueError
+        out = np.ascontiguousarray(arr, dtype=dtype)  # no copy when X already has this dtype and layout
+    if not all_finite(out):
+        if not all_finite(arr):
             raise ValueError(f"{name} contains NaN or infinite values; remove or impute them first")
         raise ValueError(f"{name} overflows {dtype} (values too large); rescale it first")
     return out
@@ -178,12 +203,21 @@ def check_layers(layers: object) -> list[int]:
     return sizes  # type: ignore[return-value]
 
 
-def check_parameters(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], dtype: np.dtype | None = None) -> np.dtype:
-    """Check that weights/biases chain and share one float dtype; return that dtype."""
+def check_parameters(
+    weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], dtype: np.dtype | None = None, *, finite: bool = False
+) -> np.dtype:
+    """Check that weights/biases chain, share one float dtype and no memory; return that dtype.
+
+    With ``finite``, also that they hold no NaN or infinity (the compiled
+    kernels assume finite numbers).
+    """
+    for what, seq in (("weights", weights), ("biases", biases)):
+        if isinstance(seq, np.ndarray) or not isinstance(seq, Sequence):
+            raise TypeError(f"{what} must be a list of numpy arrays (one per layer), got {type(seq).__name__}")
     if len(weights) != len(biases) or len(weights) == 0:
         raise ValueError(f"weights and biases must be non-empty lists of equal length, got {len(weights)} and {len(biases)}")
-    dt = dtype if dtype is not None else np.asarray(weights[0]).dtype
-    check_dtype(dt, "weights dtype")
+    dt = dtype if dtype is not None else getattr(weights[0], "dtype", None)
+    dt = check_dtype(dt, "weights dtype")
     prev = None
     for i, (W, b) in enumerate(zip(weights, biases, strict=True)):
         if not isinstance(W, np.ndarray) or not isinstance(b, np.ndarray):
@@ -196,12 +230,35 @@ def check_parameters(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]
             raise ValueError(f"weights[{i}] and biases[{i}] must be writeable C-contiguous arrays; use np.ascontiguousarray")
         if prev is not None and W.shape[1] != prev:
             raise ValueError(f"weights[{i}] has {W.shape[1]} inputs but layer {i - 1} has {prev} outputs")
+        if max(W.shape) > MAX_DIM:
+            raise ValueError(f"weights[{i}] has shape {W.shape}; a dimension above {MAX_DIM} is too large for BLAS")
+        if finite and not (all_finite(W) and all_finite(b)):
+            raise ValueError(f"weights[{i}]/biases[{i}] contain NaN or infinite values")
         prev = W.shape[0]
-    return np.dtype(dt)
+    # parameters are updated in place one after the other: two views of one buffer would corrupt each other
+    params = [(f"weights[{i}]", W) for i, W in enumerate(weights)] + [(f"biases[{i}]", b) for i, b in enumerate(biases)]
+    for j, (name_j, p) in enumerate(params):
+        for name_k, q in params[j + 1 :]:
+            if p.size and q.size and np.may_share_memory(p, q):
+                raise ValueError(f"{name_j} and {name_k} share memory; pass separate arrays (copy one of them)")
+    return dt
 
 
-def as_kernel_array(a: object, name: str, dtype: np.dtype, ndim: int, shape: tuple[int | None, ...] | None = None) -> np.ndarray:
-    """An input array of a kernel: right ndim, shape and dtype, C-contiguous (copied if not)."""
+def as_kernel_array(
+    a: object,
+    name: str,
+    dtype: np.dtype,
+    ndim: int,
+    shape: tuple[int | None, ...] | None = None,
+    *,
+    not_in: Sequence[np.ndarray] = (),
+) -> np.ndarray:
+    """An input array of a kernel: right ndim, shape and dtype, finite, C-contiguous and aligned.
+
+    Copied when it is not C-contiguous or aligned, or when it shares memory
+    with one of the arrays ``not_in`` (the buffers the kernel writes), so
+    that every backend reads the values it was given.
+    """
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
     if a.dtype != dtype:
@@ -212,15 +269,27 @@ def as_kernel_array(a: object, name: str, dtype: np.dtype, ndim: int, shape: tup
         for axis, (got, want) in enumerate(zip(a.shape, shape, strict=True)):
             if want is not None and got != want:
                 raise ValueError(f"{name} has shape {a.shape}; axis {axis} must be {want}")
-    return np.ascontiguousarray(a)
+    if a.ndim and max(a.shape) > MAX_DIM:
+        raise ValueError(f"{name} has shape {a.shape}; a dimension above {MAX_DIM} is too large for BLAS, split it")
+    if not all_finite(a):
+        raise ValueError(f"{name} contains NaN or infinite values; the kernels need finite numbers")
+    out = np.require(a, requirements=["C", "A"])
+    return detached(out, not_in) if out is a else out
+
+
+def detached(a: np.ndarray, outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """``a``, or a copy of it when it shares memory with one of the buffers ``outputs`` a kernel writes."""
+    if a.size and any(o.size and np.may_share_memory(a, o) for o in outputs):
+        return a.copy()
+    return a
 
 
 def check_out(out: object, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """An output buffer: writeable, C-contiguous, exact dtype and shape."""
+    """An output buffer: writeable, C-contiguous, aligned, exact dtype and shape."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array or None, got {type(out).__name__}")
     if out.dtype != dtype or out.shape != tuple(shape):
         raise ValueError(f"{name} must be {dtype} with shape {tuple(shape)}, got {out.dtype} {out.shape}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError(f"{name} must be writeable and C-contiguous")
+    if not (out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
+        raise ValueError(f"{name} must be a writeable, aligned, C-contiguous array (e.g. from np.empty)")
     return out

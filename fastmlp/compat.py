@@ -83,6 +83,7 @@ class NeuralNetMLP:
         num_features = V.check_int(num_features, "num_features", minimum=1)
         num_hidden = V.check_int(num_hidden, "num_hidden", minimum=1)
         self.num_classes = V.check_int(num_classes, "num_classes", minimum=1)
+        random_seed = V.check_int(random_seed, "random_seed", minimum=0, maximum=2**32 - 1, allow_none=True)
         rng = np.random.RandomState(random_seed)
         self.weight_h = rng.normal(loc=0.0, scale=0.1, size=(num_hidden, num_features))
         self.bias_h = np.zeros(num_hidden)
@@ -159,6 +160,14 @@ def _params(model: NeuralNetMLP) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return weights, biases
 
 
+def _backend_for(weights: list[np.ndarray], biases: list[np.ndarray]):
+    """The chosen backend, or the NumPy one for a diverged model: the compiled kernels assume finite
+    numbers, NumPy propagates NaN/Inf exactly as the notebook does."""
+    if all(V.all_finite(a) for a in (*weights, *biases)):
+        return get_backend(backend)
+    return get_backend("numpy")
+
+
 def _check_data(X: np.ndarray, y: np.ndarray, n_features: int, n_classes: int, mbs: int, what: str):
     Xc = V.as_features(X, np.dtype(np.float64), f"X_{what}" if what else "X", n_features=n_features)
     yc = V.as_labels(y, Xc.shape[0], n_classes, f"y_{what}" if what else "y")
@@ -172,6 +181,7 @@ def compute_mse_and_acc(
 ) -> tuple[float, float]:
     """Mean of the per-minibatch MSE and the accuracy, over shuffled full minibatches (the notebook's)."""
     mbs = V.check_int(minibatch_size, "minibatch_size", minimum=1)
+    num_labels = V.check_int(num_labels, "num_labels", minimum=1)
     if not _is_plain(nnet):
         mse, correct_pred, num_examples, n_batches = 0.0, 0, 0, 0
         for features, targets in minibatch_generator(X, y, mbs):
@@ -193,7 +203,7 @@ def compute_mse_and_acc(
     np.random.shuffle(indices)  # consume the global state as the notebook's generator does
     n_batches = Xc.shape[0] // mbs
     idx = indices[: n_batches * mbs]
-    be = get_backend(backend)
+    be = _backend_for(weights, biases)
     # forward every row in place (no gather of X), then visit the outputs in the shuffled order
     probas_all = np.empty((Xc.shape[0], num_labels))
     sig = ACT_CODES["sigmoid"]
@@ -237,7 +247,10 @@ def train(
     if plain:
         weights, biases = _params(model)
         Xc, yc = _check_data(X_train, y_train, weights[0].shape[1], model.num_classes, mbs, "train")
-        be = get_backend(backend)
+        # checked before the first epoch, so that data the evaluation rejects cannot fail after training
+        # (compute_mse_and_acc below runs with its default minibatch of 100)
+        _check_data(X_train, y_train, weights[0].shape[1], model.num_classes, 100, "train")
+        _check_data(X_valid, y_valid, weights[0].shape[1], model.num_classes, 100, "valid")
         full = 1 << KEEP_BITS
         no_drop = np.array([full, full], dtype=np.int64)
         ones = np.ones(2)
@@ -247,6 +260,7 @@ def train(
             np.random.shuffle(indices)
             order = indices[: (Xc.shape[0] // mbs) * mbs]
             lrs = np.full(order.shape[0] // mbs, lr)
+            be = _backend_for(weights, biases)
             be.raw.train_epoch(Xc, yc, order, weights, biases, lrs, ACT_CODES["sigmoid"], ACT_CODES["sigmoid"],
                                LOSS_CODES["mse"], mbs, 0.0, 0.0, no_drop, ones, 0, 0)  # fmt: skip
         else:

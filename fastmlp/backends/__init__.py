@@ -25,6 +25,9 @@ import numpy as np
 from fastmlp import _validation as V
 from fastmlp.backends._contract import ACT_CODES, KEEP_BITS, LOSS_CODES, keep_threshold
 
+#: dropout counters (seed aside) are hashed as 64-bit integers; the Numba kernels take them as int64
+_MAX_COUNTER = 2**63 - 1
+
 __all__ = ["Backend", "available_backends", "backend_errors", "get_backend"]
 
 logger = logging.getLogger("fastmlp")
@@ -86,7 +89,9 @@ class Backend:
         b = V.as_kernel_array(b, "b", dt, 1, (W.shape[0],))
         code = ACT_CODES[V.check_act_code(act)]
         out = _out(out, "out", dt, (A.shape[0], W.shape[0]))
-        self._raw.forward(A, W, b, code, out)
+        A, W, b = (V.detached(a, [out]) for a in (A, W, b))
+        if out.size:
+            self._raw.forward(A, W, b, code, out)
         return out
 
     def output_delta(
@@ -117,6 +122,9 @@ class Backend:
         V.check_output_loss(output, loss)
         yy = V.as_labels(y, A.shape[0], A.shape[1])
         out = _out(out, "out", dt, A.shape)
+        A = V.detached(A, [out])
+        if A.size == 0:
+            return out, 0.0, 0
         loss_sum, n_correct = self._raw.output_delta(A, yy, ACT_CODES[output], LOSS_CODES[loss], out)
         return out, float(loss_sum), int(n_correct)
 
@@ -150,7 +158,11 @@ class Backend:
         if mask is not None:
             mask = V.as_kernel_array(mask, "mask", dt, 2, A.shape)
         out = _out(out, "out", dt, A.shape)
-        self._raw.hidden_delta(D_next, W_next, A, ACT_CODES[act], mask, out)
+        W_next, D_next, A = (V.detached(a, [out]) for a in (W_next, D_next, A))
+        if mask is not None:
+            mask = V.detached(mask, [out])
+        if out.size:
+            self._raw.hidden_delta(D_next, W_next, A, ACT_CODES[act], mask, out)
         return out
 
     def inplace_update(
@@ -160,10 +172,10 @@ class Backend:
 
         ``W <- max(0, 1 - lr*l2) W - lr*l1*sign(W) - lr D.T @ A``; ``b <- b - lr D.sum(0)``.
         """
-        V.check_parameters([W], [b])
+        V.check_parameters([W], [b], finite=True)
         dt = W.dtype
-        D = V.as_kernel_array(D, "D", dt, 2, (None, W.shape[0]))
-        A = V.as_kernel_array(A, "A", dt, 2, (D.shape[0], W.shape[1]))
+        D = V.as_kernel_array(D, "D", dt, 2, (None, W.shape[0]), not_in=[W, b])
+        A = V.as_kernel_array(A, "A", dt, 2, (D.shape[0], W.shape[1]), not_in=[W, b])
         lr = V.check_float(lr, "lr", low=0.0)
         l2 = V.check_float(l2, "l2", low=0.0)
         l1 = V.check_float(l1, "l1", low=0.0)
@@ -183,28 +195,29 @@ class Backend:
     ) -> np.ndarray:
         """Counter-based dropout multipliers ``(n_rows, n_units)``: ``scale`` (default ``1/keep``) or 0."""
         seed = V.check_seed(seed)
-        step = V.check_int(step, "step", minimum=0)
-        layer = V.check_int(layer, "layer", minimum=0)
+        step = V.check_int(step, "step", minimum=0, maximum=_MAX_COUNTER)
+        layer = V.check_int(layer, "layer", minimum=0, maximum=_MAX_COUNTER)
         n_rows = V.check_int(n_rows, "n_rows", minimum=0)
         n_units = V.check_int(n_units, "n_units", minimum=0)
         keep = V.check_float(keep, "keep", low=0.0, high=1.0, low_open=True)
         scale = 1.0 / keep if scale is None else V.check_float(scale, "scale", low=0.0)
         dt = V.check_dtype(dtype)
         out = _out(out, "out", dt, (n_rows, n_units))
-        self._raw.dropout_mask(seed or 0, step, layer, keep_threshold(keep), scale, out)
+        if out.size:
+            self._raw.dropout_mask(seed or 0, step, layer, keep_threshold(keep), scale, out)
         return out
 
     def forward_network(
         self, X: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], hidden_act: str, output_act: str
     ) -> np.ndarray:
         """Output activations ``(n_samples, n_classes)`` of a whole network on ``X (n_samples, n_in)``."""
-        weights, biases = list(weights), list(biases)
-        dt = V.check_parameters(weights, biases)
+        weights, biases = _layer_list(weights, "weights"), _layer_list(biases, "biases")
+        dt = V.check_parameters(weights, biases, finite=True)
         X = V.as_kernel_array(X, "X", dt, 2, (None, weights[0].shape[1]))
         V.check_activation(hidden_act, "hidden_act")
         V.check_activation(output_act, "output_act", output=True)
         out = np.empty((X.shape[0], weights[-1].shape[0]), dtype=dt)
-        if X.shape[0]:
+        if out.size:
             self._raw.forward_network(X, weights, biases, ACT_CODES[hidden_act], ACT_CODES[output_act], out)
         return out
 
@@ -256,12 +269,10 @@ class Backend:
             Data loss summed over the epoch's samples (before each update).
         n_correct : int
         """
-        weights, biases = list(weights), list(biases)
-        dt = V.check_parameters(weights, biases)
+        weights, biases = _layer_list(weights, "weights"), _layer_list(biases, "biases")
+        dt = V.check_parameters(weights, biases, finite=True)
         L = len(weights)
-        X = V.as_kernel_array(X, "X", dt, 2, (None, weights[0].shape[1]))
-        if not np.isfinite(X).all():
-            raise ValueError("X contains NaN or infinite values")
+        X = V.as_kernel_array(X, "X", dt, 2, (None, weights[0].shape[1]), not_in=weights + biases)
         V.check_activation(hidden_act, "hidden_act")
         V.check_activation(output_act, "output_act", output=True)
         V.check_output_loss(output_act, loss)
@@ -269,11 +280,13 @@ class Backend:
         order = _as_order(order, X.shape[0])
         batch_size = V.check_int(batch_size, "batch_size", minimum=1)
         n_steps = -(-order.shape[0] // batch_size)
-        lrs_arr = np.ascontiguousarray(np.broadcast_to(np.asarray(lrs, dtype=np.float64), (n_steps,)))
-        if lrs_arr.ndim != 1 or not (np.isfinite(lrs_arr).all() and (lrs_arr >= 0).all()):
-            raise ValueError("lrs must be finite, non-negative learning rates, one per minibatch step")
+        # a batch larger than the epoch is the whole epoch (and must fit the kernels' C integers)
+        batch_size = min(batch_size, max(order.shape[0], 1))
+        lrs_arr = _as_lrs(lrs, n_steps)
         l2 = V.check_float(l2, "l2", low=0.0)
         l1 = V.check_float(l1, "l1", low=0.0)
+        if keep is not None and (isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence | np.ndarray)):
+            raise TypeError(f"keep must be a sequence of {L} keep probabilities, got {type(keep).__name__}")
         keeps = [1.0] * L if keep is None else [V.check_float(k, "keep", low=0.0, high=1.0, low_open=True) for k in keep]
         if len(keeps) != L:
             raise ValueError(f"keep needs one probability per layer input ({L}), got {len(keeps)}")
@@ -281,7 +294,7 @@ class Backend:
         scales = np.array([1.0 / k if inverted else 1.0 for k in keeps], dtype=np.float64)
         thresholds[thresholds >= (1 << KEEP_BITS)] = 1 << KEEP_BITS
         seed = V.check_seed(seed) or 0
-        step0 = V.check_int(step0, "step0", minimum=0)
+        step0 = V.check_int(step0, "step0", minimum=0, maximum=_MAX_COUNTER - n_steps)
         if n_steps == 0:
             return 0.0, 0
         loss_sum, n_correct = self._raw.train_epoch(
@@ -296,6 +309,31 @@ def _float_dtype(a: object, name: str) -> np.dtype:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
     return V.check_dtype(a.dtype, f"{name}.dtype")
+
+
+def _layer_list(seq: object, name: str) -> list[np.ndarray]:
+    if isinstance(seq, np.ndarray) or not isinstance(seq, Sequence):
+        raise TypeError(f"{name} must be a list of numpy arrays (one per layer), got {type(seq).__name__}")
+    return list(seq)
+
+
+def _as_lrs(lrs: object, n_steps: int) -> np.ndarray:
+    """A fresh float64 ``(n_steps,)`` array of finite, non-negative learning rates."""
+    if isinstance(lrs, (str, bytes)):
+        raise TypeError(f"lrs must be a float or an array of floats, got {type(lrs).__name__}")
+    try:
+        arr = np.asarray(lrs)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"lrs must be a float or an array of floats: {exc}") from exc
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"lrs must hold real numbers, got dtype {arr.dtype}")
+    if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n_steps):
+        raise ValueError(f"lrs must be a float or one learning rate per minibatch step ({n_steps}), got shape {arr.shape}")
+    # always a copy: the kernels must not see a learning rate change under them (e.g. a view of a bias)
+    out = np.array(np.broadcast_to(arr.astype(np.float64), (n_steps,)), dtype=np.float64, order="C")
+    if not (np.isfinite(out).all() and (out >= 0).all()):
+        raise ValueError("lrs must be finite, non-negative learning rates, one per minibatch step")
+    return out
 
 
 def _out(out: np.ndarray | None, name: str, dt: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

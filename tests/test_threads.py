@@ -1,0 +1,129 @@
+"""Thread safety: concurrent predict/evaluate on one network, and which compiled kernels release the GIL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+import fastmlp
+from fastmlp.network import Network
+
+BACKENDS = fastmlp.available_backends()
+COMPILED = [b for b in BACKENDS if b != "numpy"]
+N_THREADS = 4
+
+
+def _net_and_data(backend: str, dtype: str):
+    rng = np.random.default_rng(3)
+    net = Network([64, 32, 16, 10], activation="relu", output="softmax", loss="ce", dtype=dtype, backend=backend, seed=5)
+    X = rng.uniform(-1, 1, (3000, 64))
+    y = rng.integers(0, 10, 3000)
+    net.fit(X[:500], y[:500], epochs=1, batch_size=50, lr=0.05, verbose=False, seed=1)
+    return net, X, y
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_predict_and_evaluate_match_serial(backend, dtype):
+    net, X, y = _net_and_data(backend, dtype)
+    # each thread works on its own slice as well as on the whole X, so that calls of different shapes overlap
+    slices = [slice(0, 3000), slice(7, 1900), slice(1000, 1001), slice(250, 2750)]
+    serial = [(net.predict_proba(X[s]), net.predict(X[s]), net.evaluate(X[s], y[s])) for s in slices]
+    barrier = threading.Barrier(N_THREADS)
+
+    def work(i):
+        barrier.wait()
+        out = []
+        for _ in range(5):
+            s = slices[i]
+            out.append((net.predict_proba(X[s]), net.predict(X[s]), net.evaluate(X[s], y[s])))
+        return i, out
+
+    with ThreadPoolExecutor(N_THREADS) as pool:
+        results = list(pool.map(work, range(N_THREADS)))
+    for i, outs in results:
+        proba, labels, (loss, acc) = serial[i]
+        for p, lab, (lo, ac) in outs:
+            # the same kernel on the same rows: bit-identical, however the calls interleave
+            np.testing.assert_array_equal(p, proba)
+            np.testing.assert_array_equal(lab, labels)
+            assert (lo, ac) == (loss, acc)
+
+
+def _gil_free_fraction(fn, min_seconds: float = 0.05) -> tuple[float, float]:
+    """Run ``fn`` in a thread while this thread counts; return (counting rate during fn / solo rate, fn seconds).
+
+    A kernel that holds the GIL stops the counter for its whole run (fraction near 0); one that
+    releases it lets the counter run on the other core (fraction near 1, less on a loaded machine).
+    """
+    def count_for(seconds):
+        n, t_end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            n += 1
+        return n / seconds
+
+    solo = count_for(0.2)
+    t = threading.Thread(target=fn)
+    n = 0
+    t0 = time.perf_counter()
+    t.start()
+    while t.is_alive():
+        n += 1
+    elapsed = time.perf_counter() - t0
+    assert elapsed >= min_seconds, f"the kernel ran only {elapsed:.3f} s; too short to judge"
+    return n / elapsed / solo, elapsed
+
+
+def _kernel_calls(backend: str):
+    be = fastmlp.get_backend(backend)
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (40000, 256)).astype(np.float32)
+    y = rng.integers(0, 10, 40000)
+    Ws = [rng.normal(0, 0.1, (128, 256)).astype(np.float32), rng.normal(0, 0.1, (10, 128)).astype(np.float32)]
+    bs = [np.zeros(128, np.float32), np.zeros(10, np.float32)]
+    sig = fastmlp.backends._contract.ACT_CODES["sigmoid"]
+    order = np.arange(40000)
+    out = np.empty((40000, 10), np.float32)
+    raw = be.raw
+    return {
+        # the raw kernels, so that only the compiled call is timed (validation holds the GIL by nature)
+        "forward_network": lambda: [raw.forward_network(X, Ws, bs, sig, sig, out) for _ in range(3)],
+        "train_epoch": lambda: [raw.train_epoch(X, y, order, Ws, bs, np.full(400, 0.01), sig, sig, 0, 100, 0.0, 0.0,
+                                                np.full(2, 1 << 24), np.ones(2), 0, 0) for _ in range(3)],
+    }
+
+
+#: a kernel that releases the GIL lets the other thread run at more than this fraction of its speed;
+#: one that holds it (like the baseline below) gives ~2 %.  Low because this 2-core machine is shared.
+GIL_FREE = 0.08
+
+
+def test_gil_probe_detects_a_gil_holding_call():
+    frac, _ = _gil_free_fraction(lambda: sum(range(3 * 10**7)), 0.0)
+    assert frac < GIL_FREE, f"the probe cannot tell: a GIL-holding call let the other thread run at {frac:.0%}"
+
+
+@pytest.mark.parametrize("kernel", ["forward_network", "train_epoch"])
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_kernels_release_the_gil(monkeypatch, backend, kernel):
+    # one epoch thread and one BLAS thread: the question is the GIL, and a busy Python thread beside a
+    # two-thread OpenMP team or OpenBLAS on a 2-core machine slows the kernel down by up to 100x
+    if backend == "cython":
+        import fastmlp.backends.cython as cy
+
+        monkeypatch.setattr(cy, "NUM_THREADS", 1)
+    else:
+        from fastmlp import config
+
+        monkeypatch.setattr(config, "NUM_THREADS", 1)
+    calls = _kernel_calls(backend)
+    calls[kernel]()  # compile / warm up
+    with threadpool_limits(limits=1):
+        frac, secs = _gil_free_fraction(calls[kernel])
+    print(f"{backend}.{kernel}: other thread ran at {frac:.0%} of its solo speed during {secs:.2f} s")
+    assert frac > GIL_FREE, f"{backend}.{kernel} seems to hold the GIL (other thread at {frac:.0%} of its speed)"
