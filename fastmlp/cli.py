@@ -82,7 +82,8 @@ def _nonneg_int(s: str) -> int:
 def load_data(spec: str, quiet: bool = False) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Resolve ``--data``: 'mnist' (search and download, falling back to digits), 'digits', or a directory.
 
-    Returns ``(name, X_train, y_train, X_test, y_test)`` with pixel values scaled to [0, 1] (float32).
+    Returns ``(name, X_train, y_train, X_test, y_test)`` with pixel values scaled to [-1, 1] (float32), as the
+    classic notebook scales MNIST.
     """
     from fastmlp import datasets
 
@@ -101,8 +102,12 @@ def load_data(spec: str, quiet: bool = False) -> tuple[str, np.ndarray, np.ndarr
             raise CLIError(f"--data {spec}: no such directory (use 'mnist', 'digits' or a directory of four IDX files)")
         Xtr, ytr, Xte, yte = datasets.load_mnist(spec, download=False)
         name = f"IDX files in {spec}"
-    scale = np.float32(1.0 / 255.0)
-    return name, Xtr.astype(np.float32) * scale, ytr, Xte.astype(np.float32) * scale, yte
+    return name, _scale(Xtr), ytr, _scale(Xte), yte
+
+
+def _scale(X: np.ndarray) -> np.ndarray:
+    """Pixels 0..255 to [-1, 1] as the classic notebook scales them: ``((X / 255) - 0.5) * 2``."""
+    return ((X.astype(np.float32) / np.float32(255.0)) - np.float32(0.5)) * np.float32(2.0)
 
 
 def _split_valid(X: np.ndarray, y: np.ndarray, n_valid: int, seed: int, quiet: bool):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -383,7 +385,9 @@ class Network:
             data = path.read_bytes()
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+        # a damaged zip can surface as any of these (unknown compression method, 'encrypted' flag, bad deflate data)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError,
+                zlib.error, lzma.LZMAError) as exc:  # fmt: skip
             raise ValueError(f"{path} is not a readable fastmlp model file (truncated or corrupted?): {exc}") from exc
         if "meta" not in arrays:
             raise ValueError(f"{path} is not a fastmlp model file (no metadata)")

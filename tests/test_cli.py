@@ -103,5 +103,5 @@ def test_train_on_real_mnist(tmp_path, mnist_path):
     lines = r.stdout.splitlines()
     assert any(line.startswith("Epoch: 003/003") for line in lines)
     acc = float(r.stdout.split("Test accuracy: ")[1].split("%")[0])
-    assert acc > 85  # 784-50-10 sigmoid/MSE after 3 epochs at lr 0.1 is near 89 %
+    assert acc > 85  # 784-50-10 sigmoid/MSE after 3 epochs at lr 0.1 on [-1, 1] pixels: the notebook has 87-88 %
     assert (tmp_path / "trace.png").read_bytes()[:8] == PNG_MAGIC

@@ -50,11 +50,6 @@ def _zip_header_offsets(raw: bytes) -> list[int]:
     return local + central
 
 
-_LOAD_HOLE = ("Network.load (network.py) lets NotImplementedError/RuntimeError from zipfile escape for a corrupted "
-              "compression-method or encryption field; it must raise ValueError")
-
-
-@pytest.mark.xfail(strict=True, raises=(NotImplementedError, RuntimeError), reason=_LOAD_HOLE)
 @pytest.mark.parametrize("field", ["method=99", "method=1", "flag=encrypted", "flag=strong-encryption"])
 def test_load_corrupted_zip_header_fields_give_valueerror(tmp_path, field):
     """Deterministic corruptions the random byte flips of the fuzz suite rarely hit (about 1 flip in 120)."""
