@@ -1,16 +1,37 @@
-"""Build script: the Cython extension(s) of fastmlp.
+"""Build script: the Cython extensions of fastmlp.
 
-Compiler directives are set here, once.  ``FASTMLP_CYTHON_DEBUG=1`` builds
-with bounds checking and wraparound on (for the CI debug run).
+The kernels (``fastmlp/_cython/_kernels.pxi``) are compiled twice:
+
+``fastmlp._cython._kernels``
+    baseline ISA of the platform (SSE2 on x86-64): runs on any CPU.
+``fastmlp._cython._kernels_avx2``
+    ``-mavx2 -mfma`` (x86 only); :mod:`fastmlp.backends.cython` loads it only on
+    a CPU that has AVX2 and FMA.  Not built where the compiler rejects the flags.
+
+Both use ``-O3 -ffast-math`` and link glibc's ``libmvec`` so that gcc turns the
+sigmoid's ``exp`` into a vectorized call (DESIGN §4).  ``-ffast-math`` is a
+*compile* flag only: given at link time, gcc < 13 links ``crtfastmath.o``, which
+switches on flush-to-zero for the whole process when the module is imported.
+Where ``libmvec`` is missing the kernels are built without ``-ffast-math``
+(scalar ``exp``, still correct).
+
+OpenMP is optional: it is used when the compiler accepts ``-fopenmp``
+(``FASTMLP_OPENMP=0`` turns it off).  Compiler directives are set here, once;
+``FASTMLP_CYTHON_DEBUG=1`` builds with bounds checking and wraparound on (for the
+CI debug run).
 """
 
 import os
+import sys
+import tempfile
 
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("FASTMLP_CYTHON_DEBUG", "") not in ("", "0")
+WANT_OPENMP = os.environ.get("FASTMLP_OPENMP", "1") not in ("0", "")
 
 directives = {
     "language_level": 3,
@@ -20,14 +41,103 @@ directives = {
     "initializedcheck": DEBUG,
 }
 
-extensions = [
-    Extension(
-        "fastmlp._cython._kernels",
-        ["fastmlp/_cython/_kernels.pyx"],
+_PROBE_OPENMP = r"""
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel reduction(+:n)
+    n += omp_get_num_threads() > 0;
+    return n > 0 ? 0 : 1;
+}
+"""
+
+# a loop gcc vectorizes into a libmvec call under -ffast-math; linking an executable
+# proves that the vector exp resolves (a shared object would link with it undefined)
+_PROBE_MVEC = r"""
+#include <math.h>
+float x[64];
+int main(void) {
+    for (int i = 0; i < 64; i++) x[i] = expf(x[i] * 0.5f);
+    for (int i = 0; i < 64; i++) x[i] = (float)exp((double)x[i]);
+    return x[0] > 0.0f ? 0 : 1;
+}
+"""
+
+_PROBE_EMPTY = "int main(void) { return 0; }\n"
+
+
+def _probe(compiler, source, cflags, ldflags=(), libraries=()):
+    """Whether ``compiler`` compiles and links ``source`` with these flags."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(source)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        saved = os.dup(2)
+        try:
+            os.dup2(devnull, 2)  # the compiler's complaints about a failed probe are expected noise
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=list(cflags))
+            compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=list(ldflags),
+                                     libraries=list(libraries))  # fmt: skip
+        except Exception:  # any failure means "not supported"
+            return False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    return True
+
+
+class BuildExt(build_ext):
+    """Probes the compiler once, then sets each extension's ISA, math and OpenMP flags."""
+
+    def build_extensions(self):
+        cc = self.compiler
+        if cc.compiler_type == "msvc":
+            base, avx2, mvec, omp = ["/O2"], ["/arch:AVX2"], False, (["/openmp"], [])
+            have_avx2, have_omp = True, WANT_OPENMP
+        else:
+            base = ["-O3"]
+            avx2 = ["-mavx2", "-mfma"]
+            mvec = _probe(cc, _PROBE_MVEC, ["-O3", "-ffast-math"], libraries=["mvec", "m"])
+            have_avx2 = _probe(cc, _PROBE_EMPTY, avx2)
+            if have_avx2 and mvec:
+                mvec = _probe(cc, _PROBE_MVEC, ["-O3", "-ffast-math", *avx2], libraries=["mvec", "m"])
+            omp = (["-fopenmp"], ["-fopenmp"])
+            have_omp = WANT_OPENMP and _probe(cc, _PROBE_OPENMP, *omp)
+        fast = ["-ffast-math"] if mvec else ["-fno-math-errno"]
+        print(f"fastmlp build: OpenMP {'on' if have_omp else 'off'}, libmvec {'on' if mvec else 'off'}, "
+              f"AVX2 variant {'on' if have_avx2 else 'off'}", file=sys.stderr)  # fmt: skip
+        keep = []
+        for ext in self.extensions:
+            is_avx2 = ext.name.endswith("_avx2")
+            if is_avx2 and not have_avx2:
+                continue
+            ext.extra_compile_args = [*base, *fast, *(avx2 if is_avx2 else [])]
+            ext.extra_link_args = []
+            if mvec:
+                ext.libraries = [*ext.libraries, "mvec", "m"]
+            if have_omp:
+                ext.extra_compile_args += omp[0]
+                ext.extra_link_args += omp[1]
+            keep.append(ext)
+        self.extensions = keep
+        super().build_extensions()
+
+
+def _ext(name, source):
+    return Extension(
+        name,
+        [source],
         include_dirs=[np.get_include()],
-        extra_compile_args=["-O3"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=["fastmlp/_cython/_kernels.pxi"],
     )
+
+
+extensions = [
+    _ext("fastmlp._cython._kernels", "fastmlp/_cython/_kernels.pyx"),
+    _ext("fastmlp._cython._kernels_avx2", "fastmlp/_cython/_kernels_avx2.pyx"),
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives))
+setup(ext_modules=cythonize(extensions, compiler_directives=directives), cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,267 @@
+"""Cython backend: the kernel contract compiled, with a whole epoch in one call.
+
+The kernels live in :mod:`fastmlp._cython` (one source, ``_kernels.pxi``,
+compiled twice).  This adapter picks the build for this CPU:
+
+``avx2``
+    ``-mavx2 -mfma``, loaded when the CPU has AVX2 and FMA;
+``baseline``
+    the platform's baseline ISA, loaded otherwise.
+
+``$FASTMLP_CYTHON_ISA`` (``baseline`` or ``avx2``) forces one; :data:`VARIANT`
+says which loaded.  Importing this module raises ``ImportError`` with the reason
+when no build can load (the registry then reports the backend unavailable).
+
+:func:`train_epoch` splits every minibatch over :data:`OPENMP` threads when the
+network is small enough that OpenBLAS would run its gemms single-threaded
+anyway (DESIGN §4); meanwhile SciPy's BLAS, which the kernels call, is pinned
+to one thread (two levels of threads on two cores oversubscribe badly) and
+restored afterwards.  ``$FASTMLP_NUM_THREADS`` (or :data:`NUM_THREADS`) sets the
+number of threads; 1 turns the scheme off.
+
+The raw kernels take validated, C-contiguous arrays of one float dtype and
+integer codes; use them through ``fastmlp.get_backend("cython")``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import numpy as np
+
+from fastmlp.backends._contract import ACT_CODES, LOSS_CODES
+
+NAME = "cython"
+
+__all__ = [
+    "NAME",
+    "NUM_THREADS",
+    "OPENMP",
+    "VARIANT",
+    "dropout_mask",
+    "forward",
+    "forward_network",
+    "hidden_delta",
+    "inplace_update",
+    "output_delta",
+    "train_epoch",
+]
+
+_ISA_ENV = "FASTMLP_CYTHON_ISA"
+#: splitting every minibatch over our threads pays between these sizes of the largest layer's
+#: forward gemm (multiply-adds per minibatch): below, two barriers a step cost more than the work
+#: saved; above, OpenBLAS's own threads on the big gemms win (DESIGN §4: 784-50-10 at batch 100
+#: wants our split, 784-256-256-10 wants OpenBLAS's)
+_SPLIT_MIN_MACS = 200_000
+_SPLIT_MAX_MACS = 8_000_000
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this CPU (and OS) supports AVX2 and FMA, from NumPy's CPU dispatch table or /proc/cpuinfo."""
+    feats = None
+    for modname in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            feats = __import__(modname, fromlist=["__cpu_features__"]).__cpu_features__
+            break
+        except (ImportError, AttributeError):
+            continue
+    if feats is not None:
+        return bool(feats.get("AVX2")) and bool(feats.get("FMA3"))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx2", "fma"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def _load() -> tuple[ModuleType, str]:
+    isa = os.environ.get(_ISA_ENV, "").strip().lower() or "auto"
+    if isa not in ("auto", "baseline", "avx2"):
+        raise ImportError(f"${_ISA_ENV} must be 'baseline' or 'avx2' (or unset), got {isa!r}")
+    if isa == "avx2" and not cpu_has_avx2():
+        raise ImportError(f"${_ISA_ENV}=avx2 but this CPU lacks AVX2/FMA")
+    if isa == "avx2" or (isa == "auto" and cpu_has_avx2()):
+        try:
+            from fastmlp._cython import _kernels_avx2 as mod
+        except ImportError as exc:
+            if isa == "avx2":
+                raise ImportError(f"the AVX2 build of the Cython kernels does not load: {exc}") from exc
+        else:
+            return mod, "avx2"
+    try:
+        from fastmlp._cython import _kernels as mod
+    except ImportError as exc:
+        raise ImportError(
+            f"the Cython kernels are not built or do not load ({exc}); build them with "
+            "`python setup.py build_ext --inplace` or reinstall with `pip install .`"
+        ) from exc
+    return mod, "baseline"
+
+
+_k, VARIANT = _load()
+
+if _k.ACT_CODES != ACT_CODES or _k.LOSS_CODES != LOSS_CODES:
+    raise ImportError("the Cython kernels were compiled with other activation/loss codes than _contract.py: rebuild them")
+
+#: whether the loaded build has OpenMP (multi-threaded ``train_epoch``)
+OPENMP: bool = bool(_k.HAVE_OPENMP)
+
+
+def _env_threads() -> int | None:
+    raw = os.environ.get("FASTMLP_NUM_THREADS", "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ImportError(f"$FASTMLP_NUM_THREADS must be a positive integer, got {raw!r}") from None
+    if n < 1:
+        raise ImportError(f"$FASTMLP_NUM_THREADS must be a positive integer, got {raw!r}")
+    return n
+
+
+#: threads of ``train_epoch`` (None: choose per shape, at most 2 and the CPUs available)
+NUM_THREADS: int | None = _env_threads()
+
+forward = _k.forward
+output_delta = _k.output_delta
+hidden_delta = _k.hidden_delta
+inplace_update = _k.inplace_update
+dropout_mask = _k.dropout_mask
+forward_network = _k.forward_network
+
+_blas_controller: object = None
+_pin_lock = threading.Lock()
+_pin_depth = 0
+_pin_saved: list[tuple[object, int]] = []
+
+
+def _scipy_blas_libs() -> list | None:
+    """threadpoolctl's controllers of SciPy's BLAS (the one the kernels call), or None if it cannot be found."""
+    global _blas_controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    import scipy
+
+    # wheels vendor it in site-packages/scipy.libs, other builds inside the package or a shared system library
+    roots = (os.path.dirname(scipy.__file__), os.path.dirname(scipy.__file__) + ".libs")
+    blas = [lib for lib in _blas_controller.lib_controllers if lib.user_api == "blas"]  # type: ignore[attr-defined]
+    prefixes = tuple(os.path.realpath(r) + os.sep for r in roots)
+    mine = [lib for lib in blas if os.path.realpath(lib.filepath).startswith(prefixes)]
+    return (mine or blas) or None  # a BLAS shared with NumPy: pin it too, only for the epoch
+
+
+@contextmanager
+def _blas_pinned() -> Iterator[bool]:
+    """Pin SciPy's BLAS to one thread while inside (nesting and concurrent epochs from several Python
+    threads share one pin; the last to leave restores the original counts).  Yields False when the
+    BLAS cannot be found, and then pins nothing."""
+    global _pin_depth
+    with _pin_lock:
+        if _pin_depth == 0:
+            libs = _scipy_blas_libs()
+            if libs is not None:
+                _pin_saved[:] = [(lib, lib.num_threads) for lib in libs]
+                for lib, n in _pin_saved:
+                    if n != 1:
+                        lib.set_num_threads(1)  # type: ignore[attr-defined]
+                _pin_depth = 1
+        else:
+            libs = []
+            _pin_depth += 1
+    if libs is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with _pin_lock:
+            _pin_depth -= 1
+            if _pin_depth == 0:
+                for lib, n in _pin_saved:
+                    if n != 1:
+                        lib.set_num_threads(n)  # type: ignore[attr-defined]
+                _pin_saved.clear()
+
+
+def _n_threads(sizes: list[int], batch_size: int) -> int:
+    if not OPENMP:
+        return 1
+    if NUM_THREADS is not None:
+        return NUM_THREADS
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    if cpus < 2 or batch_size < 2:
+        return 1
+    macs = max(a * b for a, b in zip(sizes[:-1], sizes[1:])) * batch_size
+    return 2 if _SPLIT_MIN_MACS <= macs <= _SPLIT_MAX_MACS else 1
+
+
+def train_epoch(
+    X: np.ndarray,
+    y: np.ndarray,
+    order: np.ndarray,
+    weights: list[np.ndarray],
+    biases: list[np.ndarray],
+    lrs: np.ndarray,
+    hidden_act: int,
+    output_act: int,
+    loss: int,
+    batch_size: int,
+    l2: float,
+    l1: float,
+    thresholds: np.ndarray,
+    scales: np.ndarray,
+    seed: int,
+    step0: int,
+) -> tuple[float, int]:
+    """One epoch of minibatch SGD in one compiled call (semantics of ``reference.train_epoch``).
+
+    Parameters
+    ----------
+    X : ndarray (n_samples, n_in)
+    y : ndarray of int64 (n_samples,)
+    order : ndarray of int64 (n_used,)
+        Rows in visiting order; the last minibatch may be partial.
+    weights, biases : lists of ndarray ``(n_out, n_in)`` / ``(n_out,)``
+        Updated in place.
+    lrs : ndarray of float64 (n_steps,)
+    hidden_act, output_act, loss : int
+        Activation and loss codes.
+    batch_size : int
+    l2, l1 : float
+    thresholds : ndarray of int64 (n_layers,)
+        Dropout keep thresholds (``2**24``: no dropout on that layer's input).
+    scales : ndarray of float64 (n_layers,)
+    seed, step0 : int
+
+    Returns
+    -------
+    loss_sum : float
+        Data loss summed over the epoch's samples, each measured before its update.
+    n_correct : int
+    """
+    sizes = [X.shape[1]] + [W.shape[0] for W in weights]
+    args = (X, y, order, list(weights), list(biases), lrs, hidden_act, output_act, loss, batch_size, l2, l1,
+            thresholds, scales, seed, step0)  # fmt: skip
+    n_threads = _n_threads(sizes, batch_size)
+    if n_threads > 1:
+        with _blas_pinned() as pinned:
+            if pinned:
+                return _k.train_epoch(*args, n_threads)
+        # BLAS not found, so it cannot be kept off our threads: stay on one
+    return _k.train_epoch(*args, 1)

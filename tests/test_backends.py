@@ -1,0 +1,483 @@
+"""The shared backend test suite: every compiled backend against the NumPy reference.
+
+Parametrized over the compiled backends that ``fastmlp.available_backends()``
+reports (Cython, Numba, ... whichever load here), each public ``Backend`` method
+is compared with ``get_backend("numpy")`` on awkward shapes, both dtypes, every
+activation and every valid output/loss pair ("bottleneck" style: the fast
+function against its slow twin).  Dropout masks must be bit-identical; a whole
+``train_epoch`` must match the reference epoch to ``EPOCH_TOL``.
+
+``FASTMLP_REQUIRE_BACKENDS=cython,numba`` makes a backend that fails to load a
+test failure instead of a silently shorter parameter list.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fastmlp
+from fastmlp import get_backend
+from fastmlp.backends import backend_errors
+from fastmlp.backends._contract import HIDDEN_ACTIVATIONS, KEEP_BITS, VALID_OUTPUT_LOSS, keep_threshold, mask_bits
+
+COMPILED = [name for name in fastmlp.available_backends() if name != "numpy"]
+REF = get_backend("numpy")
+DTYPES = ("float32", "float64")
+ALL_ACTS = ("identity", "sigmoid", "tanh", "relu", "softmax")
+PAIRS = sorted(VALID_OUTPUT_LOSS)
+
+#: single kernels: element-wise agreement with the reference
+TOL = {"float32": {"rtol": 2e-5, "atol": 2e-6}, "float64": {"rtol": 1e-12, "atol": 1e-13}}
+#: one whole epoch: max abs difference of every weight and bias
+EPOCH_TOL = {"float32": 1e-4, "float64": 1e-9}
+#: summed losses
+LOSS_RTOL = {"float32": 1e-5, "float64": 1e-12}
+
+#: (n_samples, n_in, n_out): single rows, one unit, sizes off every SIMD width
+SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 3), (3, 1, 5), (13, 17, 5), (64, 16, 8), (100, 33, 10), (37, 784, 50)]
+
+
+@pytest.fixture(params=COMPILED)
+def be(request):
+    return get_backend(request.param)
+
+
+def _rng(*key):
+    return np.random.default_rng([abs(hash(str(k))) % (2**32) for k in key])
+
+
+def _layer(rng, dtype, n, n_in, n_out, scale=1.0):
+    A = rng.normal(size=(n, n_in)).astype(dtype)
+    W = (rng.normal(size=(n_out, n_in)) * scale / np.sqrt(n_in)).astype(dtype)
+    b = rng.normal(size=n_out).astype(dtype)
+    return A, W, b
+
+
+def _activations(rng, dtype, n, k, output):
+    """Plausible output activations for ``output``, with exact 0/1 and ties to stress the clip and arg-max."""
+    if output == "softmax":
+        z = rng.normal(size=(n, k)) * 3
+        A = np.exp(z - z.max(1, keepdims=True))
+        A /= A.sum(1, keepdims=True)
+    elif output == "sigmoid":
+        A = rng.uniform(size=(n, k))
+        if n > 2 and k > 1:
+            A[1, 0], A[2, -1] = 0.0, 1.0  # log clip on both sides
+    else:
+        A = rng.normal(size=(n, k))
+    if n > 3 and k > 2:
+        A[3, :] = A[3, 0]  # an all-tie row: the first arg-max is unit 0
+        A[0, 1] = A[0, 2] = A[0].max() + 0.25  # two-way tie on the top
+    return A.astype(dtype)
+
+
+def _assert_close(got, want, dtype, what=""):
+    """Element-wise closeness; the absolute part scales with the result's magnitude (a gemm's rounding
+    error grows with the size of its terms, not of the possibly cancelled result)."""
+    scale = max(1.0, float(np.abs(want).max())) if np.size(want) else 1.0
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale, err_msg=what)
+
+
+# ------------------------------------------------------------------ forward
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ALL_ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward(be, dtype, act, shape):
+    A, W, b = _layer(_rng("fwd", dtype, act, shape), dtype, *shape)
+    got = be.forward(A, W, b, act)
+    assert got.dtype == dtype and got.shape == (shape[0], shape[2])
+    _assert_close(got, REF.forward(A, W, b, act), dtype)
+
+
+@pytest.mark.parametrize("act", ALL_ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_extreme_preactivations(be, dtype, act):
+    """Pre-activations far beyond exp's range: finite results that still match (no NaN from a clamped exp)."""
+    A = np.array([[1.0], [-1.0], [0.5], [-0.5], [0.0]], dtype=dtype)
+    W = np.array([[1e4], [-1e4], [800.0], [-800.0], [89.0], [-89.0], [0.0]], dtype=dtype)
+    b = np.zeros(7, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = REF.forward(A, W, b, act)
+    got = be.forward(A, W, b, act)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype]["rtol"], atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_out_buffer_and_layouts(be, dtype):
+    """Strided, Fortran-ordered and read-only inputs are copied at the boundary; results still match."""
+    rng = _rng("layouts", dtype)
+    A_big = rng.normal(size=(40, 60)).astype(dtype)
+    A = A_big[::2, ::3]  # (20, 20), non-contiguous
+    W = np.asfortranarray(rng.normal(size=(9, 20)).astype(dtype) / 4)
+    b = rng.normal(size=18).astype(dtype)[::2]
+    A_ro = np.ascontiguousarray(A)
+    A_ro.flags.writeable = False
+    want = REF.forward(np.ascontiguousarray(A), np.ascontiguousarray(W), np.ascontiguousarray(b), "sigmoid")
+    for a in (A, A_ro):
+        _assert_close(be.forward(a, W, b, "sigmoid"), want, dtype)
+    out = np.full((20, 9), np.nan, dtype=dtype)
+    res = be.forward(A, W, b, "sigmoid", out=out)
+    assert res is out
+    _assert_close(out, want, dtype)
+
+
+# ------------------------------------------------------------------ output delta
+@pytest.mark.parametrize("nk", [(1, 1), (1, 10), (2, 2), (7, 3), (100, 10), (33, 17)], ids=str)
+@pytest.mark.parametrize("pair", PAIRS, ids="-".join)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_delta(be, dtype, pair, nk):
+    output, loss = pair
+    n, k = nk
+    rng = _rng("od", dtype, pair, nk)
+    A = _activations(rng, dtype, n, k, output)
+    y = rng.integers(0, k, size=n)
+    if n > 3:
+        y[3] = 0
+    d_want, l_want, c_want = REF.output_delta(A, y, output, loss)
+    d_got, l_got, c_got = be.output_delta(A, y, output, loss)
+    _assert_close(d_got, d_want, dtype)
+    np.testing.assert_allclose(l_got, l_want, rtol=LOSS_RTOL[dtype])
+    assert c_got == c_want
+    assert isinstance(l_got, float) and isinstance(c_got, int)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_delta_layouts(be, dtype):
+    rng = _rng("od-layout", dtype)
+    A = _activations(rng, dtype, 30, 20, "sigmoid")[:, ::2]  # (30, 10), strided
+    y = rng.integers(0, 10, size=30).astype(np.int32)[::-1]
+    want = REF.output_delta(np.ascontiguousarray(A), np.ascontiguousarray(y), "sigmoid", "mse")
+    got = be.output_delta(A, y, "sigmoid", "mse")
+    _assert_close(got[0], want[0], dtype)
+    assert got[2] == want[2]
+
+
+# ------------------------------------------------------------------ hidden delta
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", HIDDEN_ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hidden_delta(be, dtype, act, shape, with_mask):
+    n, n_units, n_next = shape
+    rng = _rng("hd", dtype, act, shape, with_mask)
+    D = rng.normal(size=(n, n_next)).astype(dtype)
+    W = rng.normal(size=(n_next, n_units)).astype(dtype)
+    A = REF.forward(rng.normal(size=(n, 3)).astype(dtype), rng.normal(size=(n_units, 3)).astype(dtype),
+                    np.zeros(n_units, dtype), act)  # fmt: skip
+    mask = REF.dropout_mask(5, 1, 1, n, n_units, 0.6, dtype=dtype) if with_mask else None
+    _assert_close(be.hidden_delta(D, W, A, act, mask), REF.hidden_delta(D, W, A, act, mask), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hidden_delta_layouts(be, dtype):
+    rng = _rng("hd-layout", dtype)
+    D = np.asfortranarray(rng.normal(size=(11, 6)).astype(dtype))
+    W = rng.normal(size=(6, 26)).astype(dtype)[:, ::2]
+    A = rng.uniform(size=(11, 13)).astype(dtype)
+    mask = REF.dropout_mask(1, 2, 3, 11, 26, 0.5, dtype=dtype)[:, ::2]
+    want = REF.hidden_delta(*(np.ascontiguousarray(x) for x in (D, W, A)), "sigmoid", np.ascontiguousarray(mask))
+    _assert_close(be.hidden_delta(D, W, A, "sigmoid", mask), want, dtype)
+
+
+# ------------------------------------------------------------------ update
+@pytest.mark.parametrize(
+    "lr,l2,l1",
+    [(0.1, 0.0, 0.0), (0.1, 1e-2, 0.0), (0.1, 0.0, 1e-2), (0.05, 1e-3, 1e-3), (0.5, 3.0, 0.0), (0.5, 3.0, 1e-2),
+     (0.0, 0.1, 0.1)],
+)  # fmt: skip
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_update(be, dtype, shape, lr, l2, l1):
+    """Decay, L1 (sign of the old W, 0 at exact zeros), the decay clamp at 0 (lr*l2 > 1) and the bias."""
+    n, n_in, n_out = shape
+    rng = _rng("upd", dtype, shape, lr, l2, l1)
+    W = rng.normal(size=(n_out, n_in)).astype(dtype)
+    W.flat[::3] = 0.0
+    b = rng.normal(size=n_out).astype(dtype)
+    D = rng.normal(size=(n, n_out)).astype(dtype) / n
+    A = rng.normal(size=(n, n_in)).astype(dtype)
+    W_ref, b_ref = W.copy(), b.copy()
+    REF.inplace_update(W_ref, b_ref, D, A, lr, l2, l1)
+    D_before, A_before = D.copy(), A.copy()
+    assert be.inplace_update(W, b, D, A, lr, l2, l1) is None
+    _assert_close(W, W_ref, dtype, "W")
+    _assert_close(b, b_ref, dtype, "b")
+    np.testing.assert_array_equal(D, D_before)
+    np.testing.assert_array_equal(A, A_before)
+
+
+# ------------------------------------------------------------------ dropout
+@pytest.mark.parametrize("seed", [0, 1, 123456789, 2**64 - 1])
+@pytest.mark.parametrize(
+    "step,layer,n_rows,n_units,keep",
+    [(0, 0, 1, 1, 0.5), (1, 0, 100, 784, 0.8), (7, 1, 37, 50, 0.5), (2**40, 3, 3, 17, 1e-7), (5, 2, 9, 33, 0.999999),
+     (3, 1, 13, 5, 1.0)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_mask_bit_identical(be, dtype, seed, step, layer, n_rows, n_units, keep):
+    scale = 1.0 / keep
+    got = be.dropout_mask(seed, step, layer, n_rows, n_units, keep, dtype=dtype)
+    want = REF.dropout_mask(seed, step, layer, n_rows, n_units, keep, dtype=dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)
+    # and against the contract's generator itself
+    bits = mask_bits(seed, step, layer, n_rows, n_units, keep)
+    np.testing.assert_array_equal(got, np.where(bits, np.asarray(scale, dtype=dtype), 0).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_mask_custom_scale(be, dtype):
+    got = be.dropout_mask(42, 3, 1, 20, 30, 0.3, scale=1.0, dtype=dtype)
+    np.testing.assert_array_equal(got, REF.dropout_mask(42, 3, 1, 20, 30, 0.3, scale=1.0, dtype=dtype))
+    assert set(np.unique(got)) <= {0.0, 1.0}
+
+
+# ------------------------------------------------------------------ whole network
+def _network(rng, sizes, dtype):
+    weights = [(rng.normal(size=(b, a)) / np.sqrt(a)).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
+    biases = [(rng.normal(size=b) * 0.1).astype(dtype) for b in sizes[1:]]
+    return weights, biases
+
+
+@pytest.mark.parametrize(
+    "sizes,hidden,output",
+    [([1, 1], "sigmoid", "sigmoid"), ([5, 3, 2], "tanh", "softmax"), ([784, 50, 10], "sigmoid", "sigmoid"),
+     ([17, 9, 33, 4], "relu", "identity"), ([20, 15, 13, 11, 7], "tanh", "softmax"),
+     ([31, 7, 6, 5, 4, 3], "sigmoid", "sigmoid")],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("n", [1, 7, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_network(be, dtype, n, sizes, hidden, output):
+    rng = _rng("fn", dtype, n, sizes)
+    weights, biases = _network(rng, sizes, dtype)
+    X = rng.normal(size=(n, sizes[0])).astype(dtype)
+    _assert_close(be.forward_network(X, weights, biases, hidden, output),
+                  REF.forward_network(X, weights, biases, hidden, output), dtype)  # fmt: skip
+
+
+# ------------------------------------------------------------------ whole epoch
+EPOCHS = {
+    # the benchmark network, a partial last batch, no extras
+    "784-50-10": dict(sizes=[784, 50, 10], n=1037, batch=100),
+    # everything at once: dropout on the input and the hidden layer, L1 and L2, per-step learning rates
+    "784-50-10-all": dict(
+        sizes=[784, 50, 10], n=1037, batch=100, l2=1e-3, l1=1e-4, keep=[0.8, 0.5], seed=2**64 - 1, step0=17, lrs="varying"
+    ),
+    "no-hidden": dict(sizes=[13, 4], n=50, batch=8, output="softmax", loss="ce", l1=1e-3, keep=[0.7]),
+    "1x1": dict(sizes=[1, 1], n=9, batch=4, l2=1e-2),
+    "2-hidden-tanh-softmax-ce": dict(
+        sizes=[30, 20, 17, 10], n=203, batch=32, hidden="tanh", output="softmax", loss="ce", keep=[1.0, 0.9, 0.6], l2=1e-4
+    ),
+    "3-hidden-relu-identity-mse": dict(
+        sizes=[25, 19, 13, 9, 3],
+        n=150,
+        batch=10,
+        hidden="relu",
+        output="identity",
+        loss="mse",
+        keep=[0.9, 1.0, 0.75, 0.8],
+        l1=1e-4,
+        lr=0.02,
+    ),
+    "4-hidden-sigmoid-ce": dict(
+        sizes=[11, 9, 8, 7, 6, 5],
+        n=77,
+        batch=16,
+        output="sigmoid",
+        loss="ce",
+        keep=[0.8, 0.7, 0.6, 0.5, 0.9],
+        l2=1e-3,
+        l1=1e-3,
+        lrs="varying",
+    ),
+    "softmax-mse-batch1": dict(sizes=[6, 5, 4], n=23, batch=1, output="softmax", loss="mse", keep=[0.5, 0.5]),
+    "batch-bigger-than-data": dict(sizes=[10, 8, 3], n=40, batch=64, keep=[1.0, 0.5], inverted=False),
+    "decay-clamped": dict(sizes=[8, 6, 3], n=40, batch=7, l2=20.0, lr=0.1),
+    "wide-hidden": dict(sizes=[784, 256, 256, 10], n=230, batch=100, keep=[0.9, 0.5, 0.5], l2=1e-4),
+}
+
+
+def _run_epoch(backend, cfg, dtype, weights, biases, X, y, order):
+    n_steps = -(-len(order) // cfg.get("batch", 100))
+    lr = cfg.get("lr", 0.1)
+    lrs = np.linspace(lr, lr / 3, n_steps) if cfg.get("lrs") == "varying" else lr
+    return backend.train_epoch(
+        X, y, order, weights, biases, lrs, hidden_act=cfg.get("hidden", "sigmoid"),
+        output_act=cfg.get("output", "sigmoid"), loss=cfg.get("loss", "mse"), batch_size=cfg.get("batch", 100),
+        l2=cfg.get("l2", 0.0), l1=cfg.get("l1", 0.0), keep=cfg.get("keep"), inverted=cfg.get("inverted", True),
+        seed=cfg.get("seed", 3), step0=cfg.get("step0", 0),
+    )  # fmt: skip
+
+
+def _epoch_case(name, dtype):
+    cfg = EPOCHS[name]
+    rng = _rng("epoch", name, dtype)
+    sizes = cfg["sizes"]
+    weights, biases = _network(rng, sizes, dtype)
+    n_rows = cfg["n"] + 5
+    X = rng.uniform(-1, 1, size=(n_rows, sizes[0])).astype(dtype)
+    y = rng.integers(0, sizes[-1], size=n_rows)
+    order = rng.permutation(n_rows)[: cfg["n"]]  # leaves rows out, visits the rest shuffled
+    return cfg, weights, biases, X, y, order
+
+
+def _check_epoch(backend, name, dtype):
+    cfg, weights, biases, X, y, order = _epoch_case(name, dtype)
+    W_ref, b_ref = [w.copy() for w in weights], [b.copy() for b in biases]
+    loss_ref, correct_ref = _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, y, order)
+    X0, y0, order0 = X.copy(), y.copy(), order.copy()
+    loss, correct = _run_epoch(backend, cfg, dtype, weights, biases, X, y, order)
+    for i, (w, wr, b, br) in enumerate(zip(weights, W_ref, biases, b_ref)):
+        assert np.abs(w - wr).max() <= EPOCH_TOL[dtype], f"W[{i}] differs by {np.abs(w - wr).max():.3g}"
+        assert np.abs(b - br).max() <= EPOCH_TOL[dtype], f"b[{i}] differs by {np.abs(b - br).max():.3g}"
+        assert np.abs(wr).max() > 0  # the comparison is not vacuous
+    np.testing.assert_allclose(loss, loss_ref, rtol=LOSS_RTOL[dtype])
+    assert correct == correct_ref
+    np.testing.assert_array_equal(X, X0)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(order, order0)
+
+
+@pytest.mark.parametrize("name", list(EPOCHS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_epoch_matches_reference(be, dtype, name):
+    _check_epoch(be, name, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_epoch_readonly_and_strided_inputs(be, dtype):
+    cfg, weights, biases, X, y, order = _epoch_case("2-hidden-tanh-softmax-ce", dtype)
+    W_ref, b_ref = [w.copy() for w in weights], [b.copy() for b in biases]
+    _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, y, order)
+    X_ro = X.copy()
+    X_ro.flags.writeable = False
+    y_strided = np.repeat(y, 2)[::2].astype(np.int32)
+    order_ro = order.copy()
+    order_ro.flags.writeable = False
+    _run_epoch(be, cfg, dtype, weights, biases, X_ro, y_strided, order_ro)
+    for w, wr in zip(weights + biases, W_ref + b_ref):
+        assert np.abs(w - wr).max() <= EPOCH_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_epoch_consecutive_epochs_continue_step_numbering(be, dtype):
+    """Two epochs with ``step0`` carried over equal the reference's two epochs (dropout masks included)."""
+    cfg, weights, biases, X, y, order = _epoch_case("784-50-10-all", dtype)
+    W_ref, b_ref = [w.copy() for w in weights], [b.copy() for b in biases]
+    for backend, W, b in ((REF, W_ref, b_ref), (be, weights, biases)):
+        for epoch in range(2):
+            _run_epoch(backend, dict(cfg, step0=epoch * 11), dtype, W, b, X, y, order[::-1] if epoch else order)
+    for w, wr in zip(weights + biases, W_ref + b_ref):
+        assert np.abs(w - wr).max() <= EPOCH_TOL[dtype]
+
+
+# ------------------------------------------------------------------ process-wide side effects and availability
+def test_loading_backends_keeps_subnormals():
+    """A kernel built with -ffast-math and linked with it would switch on flush-to-zero for the whole process."""
+    assert COMPILED == [n for n in fastmlp.available_backends() if n != "numpy"]
+    for dt in (np.float32, np.float64):
+        tiny = np.array([np.finfo(dt).smallest_subnormal], dtype=dt)
+        assert (tiny * dt(3))[0] > 0, f"{dt.__name__} subnormals flushed to zero after loading {COMPILED}"
+        assert (np.array([np.finfo(dt).tiny], dtype=dt) / dt(4))[0] > 0
+
+
+def test_required_backends_are_available():
+    required = [s.strip() for s in os.environ.get("FASTMLP_REQUIRE_BACKENDS", "").split(",") if s.strip()]
+    if not required:
+        pytest.skip("FASTMLP_REQUIRE_BACKENDS is not set (CI sets it, e.g. 'cython,numba')")
+    available = fastmlp.available_backends()
+    errors = backend_errors()
+    missing = {name: errors.get(name, "unknown backend name") for name in required if name not in available}
+    assert not missing, f"required backends did not load: {missing}"
+
+
+def test_compiled_backends_report_their_name():
+    for name in COMPILED:
+        assert get_backend(name).name == name
+
+
+def test_keep_threshold_full_means_no_dropout():
+    assert keep_threshold(1.0) == 1 << KEEP_BITS
+
+
+# ------------------------------------------------------------------ Cython specifics
+needs_cython = pytest.mark.skipif("cython" not in COMPILED, reason="the Cython backend is not built here")
+
+
+def _python(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+@needs_cython
+def test_cython_variant_and_isa_override():
+    import fastmlp.backends.cython as cy
+
+    assert cy.VARIANT in ("baseline", "avx2")
+    assert cy.VARIANT == "avx2" or not cy.cpu_has_avx2() or os.environ.get("FASTMLP_CYTHON_ISA") == "baseline"
+    code = (
+        "import numpy as np, fastmlp.backends.cython as cy\n"
+        "from fastmlp import get_backend\n"
+        "rng = np.random.default_rng(0)\n"
+        "A, W, b = rng.normal(size=(9, 13)), rng.normal(size=(5, 13)), rng.normal(size=5)\n"
+        "for dt in ('float32', 'float64'):\n"
+        "    a, w, bb = A.astype(dt), W.astype(dt), b.astype(dt)\n"
+        "    got = get_backend('cython').forward(a, w, bb, 'sigmoid')\n"
+        "    want = get_backend('numpy').forward(a, w, bb, 'sigmoid')\n"
+        "    assert np.allclose(got, want, rtol=1e-5, atol=1e-6), dt\n"
+        "print(cy.VARIANT)\n"
+    )
+    res = _python(code, FASTMLP_CYTHON_ISA="baseline")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "baseline"
+    if cy.cpu_has_avx2():
+        res = _python(code, FASTMLP_CYTHON_ISA="avx2")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "avx2"
+
+
+@needs_cython
+def test_cython_bad_isa_makes_backend_unavailable_with_reason():
+    code = "import fastmlp\nprint('cython' in fastmlp.available_backends())\nprint(fastmlp.backends.backend_errors())"
+    res = _python(code, FASTMLP_CYTHON_ISA="sse9")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "False"
+    assert "FASTMLP_CYTHON_ISA" in res.stdout
+
+
+@needs_cython
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cython_threaded_epoch_matches_reference(monkeypatch, dtype, n_threads):
+    """The OpenMP split (rows per thread, then column blocks of W per thread) gives the reference's epoch."""
+    import fastmlp.backends.cython as cy
+
+    monkeypatch.setattr(cy, "NUM_THREADS", n_threads)
+    for name in ("784-50-10-all", "4-hidden-sigmoid-ce", "softmax-mse-batch1"):
+        _check_epoch(get_backend("cython"), name, dtype)
+
+
+@needs_cython
+def test_cython_threaded_epoch_restores_blas_threads(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    import fastmlp.backends.cython as cy
+
+    if not cy.OPENMP:
+        pytest.skip("built without OpenMP")
+    monkeypatch.setattr(cy, "NUM_THREADS", 2)
+    before = {d["filepath"]: d["num_threads"] for d in threadpool_info()}
+    _check_epoch(get_backend("cython"), "784-50-10", "float32")
+    assert {d["filepath"]: d["num_threads"] for d in threadpool_info()} == before
+    # epochs overlapping from several Python threads share one pin; the last one out restores
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda name: _check_epoch(get_backend("cython"), name, "float64"), ["784-50-10-all"] * 3))
+    assert {d["filepath"]: d["num_threads"] for d in threadpool_info()} == before
