@@ -1,0 +1,125 @@
+"""Compiler flags of the Numba backend, set in one place.
+
+Every ``@njit`` kernel in :mod:`fastmlp._numba.kernels` takes its options from
+:func:`jit_options`; no kernel sets a flag of its own.  The values are read
+once, at import, from these environment variables (unset means the default):
+
+``FASTMLP_NUMBA_FASTMATH`` (default ``"safe"``)
+    ``"safe"``: LLVM may contract ``a*b + c`` into FMAs, reassociate sums,
+    use reciprocals and approximate functions, ignore the sign of zero — but
+    it keeps IEEE NaN/Inf semantics, so a NaN reaching a kernel still comes
+    out as NaN.  ``"1"``/``"full"``: all of fastmath, including "no NaN, no
+    Inf" (the kernels never test for them; finiteness is checked on the
+    Python side).  ``"0"``: strict IEEE, no FMA contraction (slower).
+``FASTMLP_NUMBA_PARALLEL`` (default ``1``)
+    Compile ``train_epoch`` with ``parallel=True`` so that one epoch can split
+    every minibatch over threads (``prange``).  ``0`` compiles it serial; the
+    results are the same up to rounding.
+``FASTMLP_NUM_THREADS`` (default: Numba's, i.e. the number of cores)
+    Threads ``train_epoch`` uses when compiled parallel.  While it runs with
+    more than one thread, BLAS is pinned to one thread (two levels of threads
+    on two cores oversubscribe badly, DESIGN §4) and restored afterwards.
+``FASTMLP_NUMBA_CACHE`` (default ``1``)
+    Cache compiled kernels on disk (``cache=True``) so that a second process
+    loads them instead of compiling; ``NUMBA_CACHE_DIR`` moves the cache.
+``FASTMLP_NUMBA_BOUNDSCHECK`` (default ``0``)
+    Debug switch: bounds-check every array access (slow).
+
+This module does not import Numba.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["BOUNDSCHECK", "CACHE", "FASTMATH", "NUM_THREADS", "PARALLEL", "jit_options", "num_threads"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+#: fastmath flags that keep NaN/Inf semantics (no ``nnan``/``ninf``)
+SAFE_FASTMATH: frozenset[str] = frozenset({"contract", "reassoc", "arcp", "nsz", "afn"})
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    val = raw.strip().lower()
+    if val in _TRUE:
+        return True
+    if val in _FALSE:
+        return False
+    raise ValueError(f"${name} must be 0 or 1, got {raw!r}")
+
+
+def _env_fastmath(name: str) -> bool | frozenset[str]:
+    raw = os.environ.get(name)
+    val = "safe" if raw is None else raw.strip().lower()
+    if val == "safe":
+        return SAFE_FASTMATH
+    if val in _TRUE or val == "full":
+        return True
+    if val in _FALSE:
+        return False
+    raise ValueError(f"${name} must be 'safe', 'full'/1 or 0, got {raw!r}")
+
+
+def _env_threads(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"${name} must be a positive integer, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"${name} must be a positive integer, got {raw!r}")
+    return n
+
+
+#: ``fastmath`` argument of every kernel: a set of LLVM flags, True (all) or False
+FASTMATH: bool | frozenset[str] = _env_fastmath("FASTMLP_NUMBA_FASTMATH")
+#: compile ``train_epoch`` with ``parallel=True``
+PARALLEL: bool = _env_bool("FASTMLP_NUMBA_PARALLEL", True)
+#: cache compiled kernels on disk
+CACHE: bool = _env_bool("FASTMLP_NUMBA_CACHE", True)
+#: thread count for parallel epochs (None: Numba's default)
+NUM_THREADS: int | None = _env_threads("FASTMLP_NUM_THREADS")
+#: bounds-check array accesses (debugging only)
+BOUNDSCHECK: bool = _env_bool("FASTMLP_NUMBA_BOUNDSCHECK", False)
+
+
+def jit_options(*, parallel: bool = False) -> dict[str, object]:
+    """Keyword arguments for ``numba.njit`` shared by every kernel.
+
+    Parameters
+    ----------
+    parallel : bool
+        Whether this kernel uses ``prange``; it is compiled parallel only when
+        :data:`PARALLEL` is also true.
+
+    Returns
+    -------
+    dict
+        ``fastmath``, ``cache``, ``boundscheck``, ``nogil``, ``error_model``
+        (``"numpy"``: division by zero gives inf/nan instead of raising, so
+        loops need no checks and vectorize) and ``parallel``.
+    """
+    fm = set(FASTMATH) if isinstance(FASTMATH, frozenset) else FASTMATH
+    return {
+        "fastmath": fm,
+        "cache": CACHE,
+        "boundscheck": BOUNDSCHECK,
+        "nogil": True,
+        "error_model": "numpy",
+        "parallel": bool(parallel and PARALLEL),
+    }
+
+
+def num_threads() -> int:
+    """Threads a parallel ``train_epoch`` uses: ``FASTMLP_NUM_THREADS`` or Numba's count, capped by Numba's pool."""
+    import numba  # local: this module must stay importable without numba
+
+    pool = int(numba.config.NUMBA_NUM_THREADS)
+    return pool if NUM_THREADS is None else max(1, min(NUM_THREADS, pool))
