@@ -57,3 +57,16 @@ ALL_BACKENDS = fastmlp.available_backends()
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python that imports the same fastmlp this test process imported.
+
+    In CI the package is pip-installed and the checkout's source tree has no compiled modules, so the
+    child must not pick the checkout up from its working directory: run it with ``cwd`` elsewhere.
+    """
+    pkg_parent = str(Path(fastmlp.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env

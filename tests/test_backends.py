@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 import fastmlp
 from fastmlp import get_backend
@@ -413,8 +415,8 @@ needs_cython = pytest.mark.skipif("cython" not in COMPILED, reason="the Cython b
 
 
 def _python(code, **env):
-    full_env = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(**env),
+                          cwd=tempfile.gettempdir(), timeout=120)  # fmt: skip
 
 
 @needs_cython

@@ -11,14 +11,14 @@ of :mod:`fastmlp.config`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 import fastmlp
 from fastmlp import get_backend
@@ -34,7 +34,6 @@ from fastmlp.backends import numba as NB
 
 REF = get_backend("numpy")
 NBE = get_backend("numba")
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "float64")
 EPOCH_TOL = {"float32": 1e-4, "float64": 1e-9}
 LOSS_RTOL = {"float32": 1e-5, "float64": 1e-12}
@@ -252,9 +251,8 @@ def test_sigmoid_saturates_without_nan(dtype):
 
 # ------------------------------------------------------------------------------------------- compilation
 def _run(code: str, env: dict[str, str]) -> str:
-    full = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
-                         timeout=600, check=False)  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=subprocess_env(**env), capture_output=True,
+                         text=True, cwd=tempfile.gettempdir(), timeout=600, check=False)  # fmt: skip
     assert res.returncode == 0, res.stderr
     return res.stdout.strip().splitlines()[-1]
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 pytest.importorskip("matplotlib")
 
@@ -87,7 +88,6 @@ def test_matplotlib_is_lazy_and_pyplot_untouched(tmp_path):
         f"plot_history(h, {str(tmp_path / 'h.png')!r})\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    env = {k: v for k, v in subprocess_env().items() if k != "DISPLAY"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path, timeout=120)
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG_MAGIC
