@@ -130,7 +130,7 @@ def _ext(name, source):
         name,
         [source],
         include_dirs=[np.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("FASTMLP_DEBUG_BUILD", "1" if DEBUG else "0")],
         depends=["fastmlp/_cython/_kernels.pxi"],
     )
 

@@ -347,7 +347,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {name:7s} loaded{(' - ' + extra) if extra else ''}")
     try:
         feats = np._core._multiarray_umath.__cpu_features__  # type: ignore[attr-defined]
-        have = [f for f in ("SSE4_2", "AVX", "AVX2", "FMA3", "AVX512F") if feats.get(f)]
+        have = [f for f in ("SSE42", "AVX", "AVX2", "FMA3", "AVX512F") if feats.get(f)]
         print(f"CPU features: {' '.join(have) or 'baseline only'}")
     except AttributeError:
         pass

@@ -30,6 +30,17 @@ cnp.import_array()
 
 cdef extern from *:
     """
+    #ifndef FASTMLP_DEBUG_BUILD
+    #define FASTMLP_DEBUG_BUILD 0
+    #endif
+    """
+    int FASTMLP_DEBUG_BUILD
+
+#: True in a ``FASTMLP_CYTHON_DEBUG=1`` build (bounds checking and wraparound on)
+DEBUG_BUILD = bool(FASTMLP_DEBUG_BUILD)
+
+cdef extern from *:
+    """
     #ifdef _OPENMP
     #include <omp.h>
     #define FM_HAVE_OPENMP 1

@@ -265,3 +265,9 @@ def train_epoch(
                 return _k.train_epoch(*args, n_threads)
         # BLAS not found, so it cannot be kept off our threads: stay on one
     return _k.train_epoch(*args, 1)
+
+
+def describe() -> str:
+    """One line on the loaded build, for ``fastmlp info``."""
+    debug = ", debug build (bounds checking on)" if getattr(_k, "DEBUG_BUILD", False) else ""
+    return f"variant {VARIANT}, OpenMP {'on' if OPENMP else 'off'}{debug}"

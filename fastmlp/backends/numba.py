@@ -255,3 +255,11 @@ def train_epoch(
         loss_sum, n_correct = kern(*args)
     _unflat(theta, weights, biases)
     return float(loss_sum), int(n_correct)
+
+
+def describe() -> str:
+    """One line on the Numba settings, for ``fastmlp info``."""
+    import numba
+
+    return (f"numba {numba.__version__}, parallel {'on' if config.PARALLEL else 'off'}, "
+            f"{config.num_threads()} threads, fastmath {config.FASTMATH!r}, cache {'on' if config.CACHE else 'off'}")  # fmt: skip
