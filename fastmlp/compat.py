@@ -19,6 +19,7 @@ the backend; ``minibatch_size`` is read at call time as in the notebook.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -254,36 +255,43 @@ def train(
         full = 1 << KEEP_BITS
         no_drop = np.array([full, full], dtype=np.int64)
         ones = np.ones(2)
-    for e in range(num_epochs):
-        if plain:
-            indices = np.arange(Xc.shape[0])
-            np.random.shuffle(indices)
-            order = indices[: (Xc.shape[0] // mbs) * mbs]
-            lrs = np.full(order.shape[0] // mbs, lr)
-            be = _backend_for(weights, biases)
-            be.raw.train_epoch(Xc, yc, order, weights, biases, lrs, ACT_CODES["sigmoid"], ACT_CODES["sigmoid"],
-                               LOSS_CODES["mse"], mbs, 0.0, 0.0, no_drop, ones, 0, 0)  # fmt: skip
-        else:
-            for X_train_mini, y_train_mini in minibatch_generator(X_train, y_train, mbs):
-                a_h, a_out = model.forward(X_train_mini)
-                d_w_out, d_b_out, d_w_h, d_b_h = model.backward(X_train_mini, a_h, a_out, y_train_mini)
-                model.weight_h -= lr * d_w_h
-                model.bias_h -= lr * d_b_h
-                model.weight_out -= lr * d_w_out
-                model.bias_out -= lr * d_b_out
-        # the notebook relies on the default num_labels=10; passing the model's own count is the same for MNIST
-        # and keeps other class counts working
-        n_labels = getattr(model, "num_classes", 10)
-        train_mse, train_acc = compute_mse_and_acc(model, X_train, y_train, num_labels=n_labels)
-        _valid_mse, valid_acc = compute_mse_and_acc(model, X_valid, y_valid, num_labels=n_labels)
-        train_acc, valid_acc = train_acc * 100, valid_acc * 100
-        epoch_train_acc.append(train_acc)
-        epoch_valid_acc.append(valid_acc)
-        epoch_loss.append(train_mse)
-        print(
-            f"Epoch: {e + 1:03d}/{num_epochs:03d} "
-            f"| Train MSE: {train_mse:.2f} "
-            f"| Train Acc: {train_acc:.2f}% "
-            f"| Valid Acc: {valid_acc:.2f}%"
-        )
+    # keep the compiled backend's BLAS on one thread across epochs and evaluations (see backends.cython.fit_context)
+    run_context: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if plain:
+        fit_context = getattr(get_backend(backend).raw, "fit_context", None)
+        if fit_context is not None:
+            run_context = fit_context([weights[0].shape[1], weights[0].shape[0], weights[1].shape[0]], mbs)
+    with run_context:
+        for e in range(num_epochs):
+            if plain:
+                indices = np.arange(Xc.shape[0])
+                np.random.shuffle(indices)
+                order = indices[: (Xc.shape[0] // mbs) * mbs]
+                lrs = np.full(order.shape[0] // mbs, lr)
+                be = _backend_for(weights, biases)
+                be.raw.train_epoch(Xc, yc, order, weights, biases, lrs, ACT_CODES["sigmoid"], ACT_CODES["sigmoid"],
+                                   LOSS_CODES["mse"], mbs, 0.0, 0.0, no_drop, ones, 0, 0)  # fmt: skip
+            else:
+                for X_train_mini, y_train_mini in minibatch_generator(X_train, y_train, mbs):
+                    a_h, a_out = model.forward(X_train_mini)
+                    d_w_out, d_b_out, d_w_h, d_b_h = model.backward(X_train_mini, a_h, a_out, y_train_mini)
+                    model.weight_h -= lr * d_w_h
+                    model.bias_h -= lr * d_b_h
+                    model.weight_out -= lr * d_w_out
+                    model.bias_out -= lr * d_b_out
+            # the notebook relies on the default num_labels=10; passing the model's own count is the same for MNIST
+            # and keeps other class counts working
+            n_labels = getattr(model, "num_classes", 10)
+            train_mse, train_acc = compute_mse_and_acc(model, X_train, y_train, num_labels=n_labels)
+            _valid_mse, valid_acc = compute_mse_and_acc(model, X_valid, y_valid, num_labels=n_labels)
+            train_acc, valid_acc = train_acc * 100, valid_acc * 100
+            epoch_train_acc.append(train_acc)
+            epoch_valid_acc.append(valid_acc)
+            epoch_loss.append(train_mse)
+            print(
+                f"Epoch: {e + 1:03d}/{num_epochs:03d} "
+                f"| Train MSE: {train_mse:.2f} "
+                f"| Train Acc: {train_acc:.2f}% "
+                f"| Valid Acc: {valid_acc:.2f}%"
+            )
     return epoch_loss, epoch_train_acc, epoch_valid_acc

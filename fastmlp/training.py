@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -272,7 +273,11 @@ def fit(
             print(f"Resumed from {checkpoint} after epoch {first_epoch}", flush=True)
     snapshot = net.get_params()
     state_at_epoch_start = (net.step_, rng.bit_generator.state)
+    # a compiled backend may hold its BLAS on one thread for the whole run (see backends.cython.fit_context)
+    fit_context = getattr(raw, "fit_context", None)
+    run_context = fit_context(net.layers, bs) if fit_context is not None else contextlib.nullcontext()
     try:
+        run_context.__enter__()
         for epoch in range(first_epoch, epochs):
             state_at_epoch_start = (net.step_, rng.bit_generator.state)
             t0 = time.perf_counter()
@@ -332,6 +337,7 @@ def fit(
         print(f"\nInterrupted after {len(hist.epoch)} complete epochs; the network keeps consistent weights.",
               file=sys.stderr, flush=True)  # fmt: skip
     finally:
+        run_context.__exit__(None, None, None)
         for cb in cbs:
             cb.on_train_end(net, hist)
     return hist

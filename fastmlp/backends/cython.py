@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import ModuleType
 
 import numpy as np
@@ -194,6 +194,16 @@ def _blas_pinned() -> Iterator[bool]:
                     if n != 1:
                         lib.set_num_threads(n)  # type: ignore[attr-defined]
                 _pin_saved.clear()
+
+
+def fit_context(sizes: list[int], batch_size: int) -> AbstractContextManager[bool]:
+    """Context for a whole ``fit``: keeps SciPy's BLAS on one thread across epochs when they are split
+    over our threads.  Between epochs the validation pass would otherwise wake OpenBLAS's own threads,
+    which then spin for a while and slow the next epoch down (measured: 0.13 s epochs instead of 0.07 s
+    for 784-50-10 float32)."""
+    if _n_threads(list(sizes), batch_size) > 1:
+        return _blas_pinned()
+    return nullcontext(False)
 
 
 def _n_threads(sizes: list[int], batch_size: int) -> int:
