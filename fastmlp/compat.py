@@ -200,6 +200,13 @@ def compute_mse_and_acc(
     Xc, yc = _check_data(X, y, weights[0].shape[1], num_labels, mbs, "")
     if num_labels != weights[-1].shape[0]:
         raise ValueError(f"num_labels={num_labels} but the model has {weights[-1].shape[0]} outputs")
+    return _mse_and_acc(weights, biases, Xc, yc, num_labels, mbs)
+
+
+def _mse_and_acc(
+    weights: list[np.ndarray], biases: list[np.ndarray], Xc: np.ndarray, yc: np.ndarray, num_labels: int, mbs: int
+) -> tuple[float, float]:
+    """:func:`compute_mse_and_acc` on validated data (C-contiguous float64 ``Xc``, int64 ``yc``)."""
     indices = np.arange(Xc.shape[0])
     np.random.shuffle(indices)  # consume the global state as the notebook's generator does
     n_batches = Xc.shape[0] // mbs
@@ -251,7 +258,7 @@ def train(
         # checked before the first epoch, so that data the evaluation rejects cannot fail after training
         # (compute_mse_and_acc below runs with its default minibatch of 100)
         _check_data(X_train, y_train, weights[0].shape[1], model.num_classes, 100, "train")
-        _check_data(X_valid, y_valid, weights[0].shape[1], model.num_classes, 100, "valid")
+        Xv, yv = _check_data(X_valid, y_valid, weights[0].shape[1], model.num_classes, 100, "valid")
         full = 1 << KEEP_BITS
         no_drop = np.array([full, full], dtype=np.int64)
         ones = np.ones(2)
@@ -282,8 +289,13 @@ def train(
             # the notebook relies on the default num_labels=10; passing the model's own count is the same for MNIST
             # and keeps other class counts working
             n_labels = getattr(model, "num_classes", 10)
-            train_mse, train_acc = compute_mse_and_acc(model, X_train, y_train, num_labels=n_labels)
-            _valid_mse, valid_acc = compute_mse_and_acc(model, X_valid, y_valid, num_labels=n_labels)
+            if plain:  # the data were validated once above
+                weights, biases = _params(model)
+                train_mse, train_acc = _mse_and_acc(weights, biases, Xc, yc, n_labels, 100)
+                _valid_mse, valid_acc = _mse_and_acc(weights, biases, Xv, yv, n_labels, 100)
+            else:
+                train_mse, train_acc = compute_mse_and_acc(model, X_train, y_train, num_labels=n_labels)
+                _valid_mse, valid_acc = compute_mse_and_acc(model, X_valid, y_valid, num_labels=n_labels)
             train_acc, valid_acc = train_acc * 100, valid_acc * 100
             epoch_train_acc.append(train_acc)
             epoch_valid_acc.append(valid_acc)

@@ -671,7 +671,55 @@ def dropout_mask(uint64_t seed, uint64_t step, uint64_t layer, int64_t keep_thre
                    <floating>scale)
 
 
-def forward_network(X, list weights, list biases, int hidden_act, int output_act, out):
+ctypedef struct ForwardCtx:
+    void* X
+    void* out
+    void** W
+    void** b
+    void** bufs            # (2 * n_threads,) two ping-pong buffers of (chunk, widest layer) per thread
+    Py_ssize_t* sizes      # (L + 1,)
+    int L
+    Py_ssize_t n
+    Py_ssize_t chunk
+    int hidden_act
+    int output_act
+
+
+cdef void _forward_worker(ForwardCtx* c, floating* tag, int tid, int nth) noexcept nogil:
+    """Thread ``tid`` of ``nth`` runs every ``nth``-th chunk of rows through the whole network."""
+    cdef floating* X = <floating*>c.X
+    cdef floating* out = <floating*>c.out
+    cdef floating** bufs = <floating**>c.bufs
+    cdef Py_ssize_t* sz = c.sizes
+    cdef Py_ssize_t n_chunks = (c.n + c.chunk - 1) // c.chunk
+    cdef Py_ssize_t k, start, nr
+    cdef int l, act
+    cdef floating* src
+    cdef floating* dst
+    k = tid
+    while k < n_chunks:
+        start = k * c.chunk
+        k += nth
+        nr = c.n - start
+        if nr > c.chunk:
+            nr = c.chunk
+        src = X + start * sz[0]
+        for l in range(c.L):
+            act = c.output_act if l == c.L - 1 else c.hidden_act
+            dst = out + start * sz[c.L] if l == c.L - 1 else bufs[2 * tid + l % 2]
+            _forward_rows(src, <floating*>c.W[l], <floating*>c.b[l], dst, nr, sz[l], sz[l + 1], act)
+            src = dst
+
+
+cdef void _fwd_worker_f32(void* ctx, int tid, int nth) noexcept nogil:
+    _forward_worker(<ForwardCtx*>ctx, <float*>NULL, tid, nth)
+
+
+cdef void _fwd_worker_f64(void* ctx, int tid, int nth) noexcept nogil:
+    _forward_worker(<ForwardCtx*>ctx, <double*>NULL, tid, nth)
+
+
+def forward_network(X, list weights, list biases, int hidden_act, int output_act, out, int n_threads=1):
     """Output activations of the whole network, in row chunks that stay in cache.
 
     Parameters
@@ -683,48 +731,33 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
         Activation codes.
     out : ndarray (n_samples, n_classes)
         Written in place.
+    n_threads : int
+        OpenMP threads, each taking every ``n_threads``-th chunk of 256 rows (keep the BLAS on one
+        thread meanwhile); ignored without OpenMP.
     """
-    chunk = 256
+    cdef Py_ssize_t chunk = 256
+    if not HAVE_OPENMP or n_threads < 1:
+        n_threads = 1
     wmax = max([W.shape[0] for W in weights])
-    bufs = [np.empty((chunk, wmax), dtype=X.dtype), np.empty((chunk, wmax), dtype=X.dtype)]
+    bufs = [np.empty((chunk, wmax), dtype=X.dtype) for _ in range(2 * n_threads)]
     p_w, p_b, p_buf = _ptr_array(weights), _ptr_array(biases), _ptr_array(bufs)
     sizes = np.array([X.shape[1]] + [W.shape[0] for W in weights], np.intp)
+    cdef ForwardCtx c
+    c.X = _data(X)
+    c.out = _data(out)
+    c.W = <void**>_data(p_w)
+    c.b = <void**>_data(p_b)
+    c.bufs = <void**>_data(p_buf)
+    c.sizes = <Py_ssize_t*>_data(sizes)
+    c.L = len(weights)
+    c.n = X.shape[0]
+    c.chunk = chunk
+    c.hidden_act = hidden_act
+    c.output_act = output_act
     cdef bint f32 = X.dtype == np.float32
-    cdef void* px = _data(X)
-    cdef void* pout = _data(out)
-    cdef void** pw = <void**>_data(p_w)
-    cdef void** pb = <void**>_data(p_b)
-    cdef void** pbuf = <void**>_data(p_buf)
-    cdef Py_ssize_t* psz = <Py_ssize_t*>_data(sizes)
-    cdef int L = len(weights)
-    cdef Py_ssize_t n = X.shape[0], nchunk = chunk
+    cdef int nth = n_threads
     with nogil:
-        if f32:
-            _forward_network(<float*>px, <float**>pw, <float**>pb, <float**>pbuf, <float*>pout, psz, L, n, nchunk,
-                             hidden_act, output_act)
-        else:
-            _forward_network(<double*>px, <double**>pw, <double**>pb, <double**>pbuf, <double*>pout, psz, L, n,
-                             nchunk, hidden_act, output_act)
-
-
-cdef void _forward_network(floating* X, floating** W, floating** B, floating** bufs, floating* out,
-                           Py_ssize_t* sz, int L, Py_ssize_t n, Py_ssize_t chunk, int hidden_act,
-                           int output_act) noexcept nogil:
-    cdef Py_ssize_t start = 0, nr
-    cdef int l, act
-    cdef floating* src
-    cdef floating* dst
-    while start < n:
-        nr = n - start
-        if nr > chunk:
-            nr = chunk
-        src = X + start * sz[0]
-        for l in range(L):
-            act = output_act if l == L - 1 else hidden_act
-            dst = out + start * sz[L] if l == L - 1 else bufs[l % 2]
-            _forward_rows(src, W[l], B[l], dst, nr, sz[l], sz[l + 1], act)
-            src = dst
-        start += nr
+        fm_run_parallel(_fwd_worker_f32 if f32 else _fwd_worker_f64, &c, nth)
 
 
 def train_epoch(X, y, order, list weights, list biases, lrs, int hidden_act, int output_act, int loss,

@@ -136,7 +136,32 @@ output_delta = _k.output_delta
 hidden_delta = _k.hidden_delta
 inplace_update = _k.inplace_update
 dropout_mask = _k.dropout_mask
-forward_network = _k.forward_network
+#: rows from which predicting splits the chunks over our threads (BLAS pinned to one thread meanwhile)
+_PARALLEL_FORWARD_ROWS = 2048
+
+
+def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray], hidden_act: int,
+                    output_act: int, out: np.ndarray) -> None:  # fmt: skip
+    """Output activations ``out (n_samples, n_classes)`` of the whole network for ``X (n_samples, n_in)``.
+
+    Large inputs are split in chunks of 256 rows over two OpenMP threads with SciPy's BLAS on one
+    thread (an OpenBLAS left multi-threaded keeps its workers spinning after the call, which slows the
+    training epoch that follows); small ones run on one thread with BLAS as it is.
+    """
+    n_threads = NUM_THREADS if NUM_THREADS is not None else _cpus()
+    if OPENMP and n_threads > 1 and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
+        with _blas_pinned() as pinned:
+            if pinned:
+                _k.forward_network(X, weights, biases, hidden_act, output_act, out, min(n_threads, 2))
+                return
+    _k.forward_network(X, weights, biases, hidden_act, output_act, out, 1)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 _blas_controller: object = None
 _pin_lock = threading.Lock()
@@ -211,10 +236,7 @@ def _n_threads(sizes: list[int], batch_size: int) -> int:
         return 1
     if NUM_THREADS is not None:
         return NUM_THREADS
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
+    cpus = _cpus()
     if cpus < 2 or batch_size < 2:
         return 1
     macs = max(a * b for a, b in zip(sizes[:-1], sizes[1:])) * batch_size
