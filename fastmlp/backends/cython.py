@@ -136,25 +136,23 @@ output_delta = _k.output_delta
 hidden_delta = _k.hidden_delta
 inplace_update = _k.inplace_update
 dropout_mask = _k.dropout_mask
-#: rows from which predicting splits the chunks over our threads (BLAS pinned to one thread meanwhile)
-_PARALLEL_FORWARD_ROWS = 2048
+#: rows from which predicting splits its chunks of 256 rows over our threads
+_PARALLEL_FORWARD_ROWS = 512
 
 
 def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray], hidden_act: int,
                     output_act: int, out: np.ndarray) -> None:  # fmt: skip
     """Output activations ``out (n_samples, n_classes)`` of the whole network for ``X (n_samples, n_in)``.
 
-    Large inputs are split in chunks of 256 rows over two OpenMP threads with SciPy's BLAS on one
-    thread (an OpenBLAS left multi-threaded keeps its workers spinning after the call, which slows the
-    training epoch that follows); small ones run on one thread with BLAS as it is.
+    On its own this runs on one thread, with SciPy's BLAS as it is set.  Inside a ``fit`` (or
+    ``compat.train``) that holds the BLAS on one thread (:func:`fit_context`), inputs of two chunks of
+    256 rows or more are split over two OpenMP threads instead: the validation pass then neither runs
+    single-threaded nor wakes OpenBLAS's own workers, which would keep spinning into the next epoch.
     """
-    n_threads = NUM_THREADS if NUM_THREADS is not None else _cpus()
-    if OPENMP and n_threads > 1 and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
-        with _blas_pinned() as pinned:
-            if pinned:
-                _k.forward_network(X, weights, biases, hidden_act, output_act, out, min(n_threads, 2))
-                return
-    _k.forward_network(X, weights, biases, hidden_act, output_act, out, 1)
+    n_threads = 1
+    if OPENMP and _pin_depth > 0 and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
+        n_threads = min(NUM_THREADS if NUM_THREADS is not None else _cpus(), 2)
+    _k.forward_network(X, weights, biases, hidden_act, output_act, out, n_threads)
 
 
 def _cpus() -> int:
