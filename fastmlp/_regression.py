@@ -32,6 +32,8 @@ import numpy as np
 from fastmlp import _validation as V
 from fastmlp.backends._contract import KEEP_BITS, keep_threshold
 from fastmlp.callbacks import Callback
+from fastmlp.training import _epoch_lrs
+from fastmlp.training import _finite_params as _finite
 
 if TYPE_CHECKING:
     from fastmlp.network import Network
@@ -107,20 +109,6 @@ def squared_error(P: np.ndarray, Y: np.ndarray) -> float:
     """
     diff = np.subtract(P, Y, dtype=np.float64)
     return float(np.einsum("ij,ij->", diff, diff))
-
-
-def _finite(net: Network) -> bool:
-    return all(np.isfinite(W).all() and np.isfinite(b).all() for W, b in zip(net.weights, net.biases, strict=True))
-
-
-def _epoch_lrs(lr: Any, epoch: int, n_steps: int) -> np.ndarray:
-    """Learning rate of each step of ``epoch`` (a float, or a schedule with ``epoch_lrs``)."""
-    if hasattr(lr, "epoch_lrs"):
-        lrs = np.asarray(lr.epoch_lrs(epoch, n_steps), dtype=np.float64)
-        if lrs.shape != (n_steps,) or not np.isfinite(lrs).all() or (lrs < 0).any():
-            raise ValueError(f"the learning-rate schedule {lr!r} gave invalid rates for epoch {epoch}")
-        return lrs
-    return np.full(n_steps, float(lr))
 
 
 def fit_regression(

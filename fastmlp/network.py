@@ -6,7 +6,6 @@ import io
 import json
 import lzma
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastmlp import _validation as V
+from fastmlp._io import atomic_write
 from fastmlp.backends import Backend, get_backend
 from fastmlp.backends import reference as _ref
 from fastmlp.backends._contract import ACT_CODES, LOSS_CODES
@@ -353,18 +353,7 @@ class Network:
         for i, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             arrays[f"W{i}"] = W
             arrays[f"b{i}"] = b
-        directory = path.parent if str(path.parent) else Path(".")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
         return path
 
     @classmethod

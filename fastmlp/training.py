@@ -6,7 +6,6 @@ import contextlib
 import os
 import pickle
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastmlp import _validation as V
+from fastmlp._io import atomic_write
 from fastmlp.backends._contract import ACT_CODES, KEEP_BITS, LOSS_CODES, keep_threshold
 from fastmlp.callbacks import Callback, EarlyStopping
 
@@ -108,7 +108,7 @@ def _finite_params(net: Network) -> bool:
     return all(np.isfinite(W).all() and np.isfinite(b).all() for W, b in zip(net.weights, net.biases, strict=True))
 
 
-def _epoch_lrs(lr: Any, epoch: int, n_steps: int, step0: int) -> np.ndarray:
+def _epoch_lrs(lr: Any, epoch: int, n_steps: int) -> np.ndarray:
     """Learning rate of each minibatch step of ``epoch`` (0-based)."""
     if hasattr(lr, "epoch_lrs"):
         lrs = np.asarray(lr.epoch_lrs(epoch, n_steps), dtype=np.float64)
@@ -282,7 +282,7 @@ def fit(
             state_at_epoch_start = (net.step_, rng.bit_generator.state)
             t0 = time.perf_counter()
             order = rng.permutation(n) if shuffle else np.arange(n, dtype=np.int64)
-            lrs = _epoch_lrs(lr, epoch, n_steps, net.step_)
+            lrs = _epoch_lrs(lr, epoch, n_steps)
             # overflow on the way to a divergence is detected below and reported once, clearly
             with np.errstate(over="ignore", invalid="ignore"):
                 loss_sum, n_correct = raw.train_epoch(
@@ -355,18 +355,7 @@ def _save_checkpoint(path: str | os.PathLike[str], signature: dict[str, Any], ep
         "history": hist, "callbacks": [cb.__dict__ for cb in cbs],
         "schedule": lr.__dict__ if hasattr(lr, "epoch_lrs") else None,
     }  # fmt: skip
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _load_checkpoint(path: str | os.PathLike[str], signature: dict[str, Any], net: Network, rng: np.random.Generator,
