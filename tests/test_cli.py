@@ -105,3 +105,23 @@ def test_train_on_real_mnist(tmp_path, mnist_path):
     acc = float(r.stdout.split("Test accuracy: ")[1].split("%")[0])
     assert acc > 85  # 784-50-10 sigmoid/MSE after 3 epochs at lr 0.1 on [-1, 1] pixels: the notebook has 87-88 %
     assert (tmp_path / "trace.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_lr_find_prints_suggestion_and_writes_plot(tmp_path, rng):
+    _write_idx_dir(tmp_path / "idx", rng)
+    r = run(["lr-find", "--data", "idx", "--hidden", "16", "--activation", "relu", "--loss", "ce", "--num-iter", "60",
+             "--batch-size", "20", "--plot", "lr.png"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if line.startswith("Suggested learning rate:"))
+    suggestion = float(line.split(":")[1].split()[0])
+    assert 1e-5 <= suggestion <= 10
+    assert (tmp_path / "lr.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("schedule", ["linear", "step", "exp", "cosine", "plateau"])
+def test_train_with_each_schedule(tmp_path, rng, schedule):
+    _write_idx_dir(tmp_path / "idx", rng)
+    r = run(["train", "--data", "idx", "--hidden", "8", "--epochs", "3", "--lr", "1", "--valid", "50",
+             "--schedule", schedule, "--l2", "1e-4", "--dropout", "0.2", "--patience", "5"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Epoch: 003/003" in r.stdout and "Test accuracy:" in r.stdout
