@@ -483,3 +483,54 @@ def test_cython_threaded_epoch_restores_blas_threads(monkeypatch):
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda name: _check_epoch(get_backend("cython"), name, "float64"), ["784-50-10-all"] * 3))
     assert {d["filepath"]: d["num_threads"] for d in threadpool_info()} == before
+
+
+@needs_cython
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cython_thread_count_never_changes_the_result(dtype):
+    """With the blocks fixed, one thread or two compute the same bits (so choosing threads is free)."""
+    import fastmlp.backends.cython as cy
+
+    if not cy.OPENMP:
+        pytest.skip("built without OpenMP")
+    rng = np.random.default_rng(11)
+    sizes = [37, 21, 9, 5]
+    X = rng.normal(size=(203, 37)).astype(dtype)
+    y = rng.integers(0, 5, 203)
+    order = rng.permutation(203)
+    W0 = [rng.normal(0, 0.3, (o, i)).astype(dtype) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+    b0 = [np.zeros(o, dtype) for o in sizes[1:]]
+    thr = np.array([keep_threshold(0.8), keep_threshold(0.5), keep_threshold(0.5)], np.int64)
+    scales = np.array([1 / 0.8, 2.0, 2.0])
+    lrs = np.full(-(-203 // 16), 0.2)
+    results = []
+    for n_threads in (1, 2):
+        Ws, bs = [W.copy() for W in W0], [b.copy() for b in b0]
+        with cy._blas_pinned():
+            loss, correct = cy._k.train_epoch(X, y, order, Ws, bs, lrs, 1, 4, 1, 16, 1e-3, 1e-4, thr, scales, 7, 0,
+                                              n_threads, 2)  # fmt: skip
+        results.append((Ws, bs, loss, correct))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert results[0][2:] == results[1][2:]
+
+
+@needs_cython
+def test_cython_thread_choice_follows_measurements(monkeypatch):
+    import fastmlp.backends.cython as cy
+
+    monkeypatch.setattr(cy, "NUM_THREADS", None)
+    monkeypatch.setattr(cy, "OPENMP", True)
+    monkeypatch.setattr(cy, "_speed", {})
+    monkeypatch.setattr(cy, "_calls", {})
+    key = ("shape",)
+    assert cy._choose_threads(key, 2) == 2  # first: as many threads as blocks
+    cy._speed[key] = {2: 80e-6}
+    assert cy._choose_threads(key, 2) == 1  # then one thread, once
+    cy._speed[key][1] = 2e-6  # two threads were 40x slower (a busy machine)
+    picks = [cy._choose_threads(key, 2) for _ in range(200)]
+    assert picks.count(2) in (3, 4)  # re-measured only every 64 epochs
+    cy._speed[key] = {2: 1e-6, 1: 2e-6}
+    picks = [cy._choose_threads(key, 2) for _ in range(64)]
+    assert picks.count(1) == 4 and picks.count(2) == 60  # a quiet machine: two threads, one re-check every 16
+    assert cy._choose_threads(key, 1) == 1

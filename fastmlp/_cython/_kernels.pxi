@@ -415,8 +415,9 @@ ctypedef struct EpochCtx:
     double* scales         # (L,)
     uint64_t seed
     uint64_t step0
-    double* loss_acc       # (n_threads * PAD,)
-    int64_t* correct_acc   # (n_threads * PAD,)
+    double* loss_acc       # (n_blocks * PAD,)
+    int64_t* correct_acc   # (n_blocks * PAD,)
+    int n_blocks           # row blocks of a minibatch and column blocks of a W; >= the thread count
 
 
 cdef inline void _split(Py_ssize_t n, int t, int nth, Py_ssize_t align, Py_ssize_t* lo,
@@ -457,6 +458,8 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
     cdef Py_ssize_t bs = c.batch_size
     cdef Py_ssize_t n_steps = (c.n_used + bs - 1) // bs
     cdef Py_ssize_t step, start, nb, r0, r1, j0, j1, o0, o1, nr, i, n_el, align
+    cdef int blk
+    cdef int NB = c.n_blocks
     cdef int64_t* idx
     cdef uint64_t gstep
     cdef double lr
@@ -471,38 +474,46 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
         idx = c.order + start
         gstep = c.step0 + <uint64_t>step
         lr = c.lrs[step]
-        _split(nb, tid, nth, 1, &r0, &r1)
-        nr = r1 - r0
+        # the row phase, block by block: the blocks depend on the shape only, so any thread count
+        # computes the same bits
+        blk = tid
+        while blk < NB:
+            _split(nb, blk, NB, 1, &r0, &r1)
+            nr = r1 - r0
 
-        _gather_rows(X, idx, inp[0], r0, r1, sz[0], c.thr[0] < full, _mask_key(c.seed, gstep, 0),
-                     <uint64_t>c.thr[0], <floating>c.scales[0])
-        for l in range(L):
-            act = c.output_act if l == L - 1 else c.hidden_act
-            _forward_rows(inp[l] + r0 * sz[l], W[l], B[l], raw[l + 1] + r0 * sz[l + 1], nr, sz[l], sz[l + 1], act)
-            if l + 1 < L and mask[l + 1] != NULL:
-                hm = mask[l + 1]
-                _fill_mask(hm, _mask_key(c.seed, gstep, <uint64_t>(l + 1)), r0, r1, sz[l + 1],
-                           <uint64_t>c.thr[l + 1], <floating>c.scales[l + 1])
-                hin = inp[l + 1]
-                hraw = raw[l + 1]
-                for i in range(r0 * sz[l + 1], r1 * sz[l + 1]):
-                    hin[i] = hraw[i] * hm[i]
-        _output_delta_rows(raw[L], c.y, idx, c.output_act, c.loss, delta[L], r0, r1, sz[L], nb,
-                           c.loss_acc + tid * PAD, c.correct_acc + tid * PAD)
-        for l in range(L - 1, 0, -1):
-            # delta[l].T (sz[l], nr) = Wc (sz[l], sz[l+1]) @ delta[l+1].T (sz[l+1], nr), with the old W[l]
-            _gemm(NOTRANS, NOTRANS, <int>sz[l], <int>nr, <int>sz[l + 1], <floating>1, W[l], <int>sz[l],
-                  delta[l + 1] + r0 * sz[l + 1], <int>sz[l + 1], <floating>0, delta[l] + r0 * sz[l], <int>sz[l])
-            n_el = nr * sz[l]
-            _deriv(delta[l] + r0 * sz[l], raw[l] + r0 * sz[l],
-                   mask[l] + r0 * sz[l] if mask[l] != NULL else NULL, n_el, c.hidden_act)
+            _gather_rows(X, idx, inp[0], r0, r1, sz[0], c.thr[0] < full, _mask_key(c.seed, gstep, 0),
+                         <uint64_t>c.thr[0], <floating>c.scales[0])
+            for l in range(L):
+                act = c.output_act if l == L - 1 else c.hidden_act
+                _forward_rows(inp[l] + r0 * sz[l], W[l], B[l], raw[l + 1] + r0 * sz[l + 1], nr, sz[l], sz[l + 1], act)
+                if l + 1 < L and mask[l + 1] != NULL:
+                    hm = mask[l + 1]
+                    _fill_mask(hm, _mask_key(c.seed, gstep, <uint64_t>(l + 1)), r0, r1, sz[l + 1],
+                               <uint64_t>c.thr[l + 1], <floating>c.scales[l + 1])
+                    hin = inp[l + 1]
+                    hraw = raw[l + 1]
+                    for i in range(r0 * sz[l + 1], r1 * sz[l + 1]):
+                        hin[i] = hraw[i] * hm[i]
+            _output_delta_rows(raw[L], c.y, idx, c.output_act, c.loss, delta[L], r0, r1, sz[L], nb,
+                               c.loss_acc + blk * PAD, c.correct_acc + blk * PAD)
+            for l in range(L - 1, 0, -1):
+                # delta[l].T (sz[l], nr) = Wc (sz[l], sz[l+1]) @ delta[l+1].T (sz[l+1], nr), with the old W[l]
+                _gemm(NOTRANS, NOTRANS, <int>sz[l], <int>nr, <int>sz[l + 1], <floating>1, W[l], <int>sz[l],
+                      delta[l + 1] + r0 * sz[l + 1], <int>sz[l + 1], <floating>0, delta[l] + r0 * sz[l], <int>sz[l])
+                n_el = nr * sz[l]
+                _deriv(delta[l] + r0 * sz[l], raw[l] + r0 * sz[l],
+                       mask[l] + r0 * sz[l] if mask[l] != NULL else NULL, n_el, c.hidden_act)
+            blk = blk + nth
         fm_barrier(nth)
         for l in range(L):
             # column blocks a multiple of 16 wide keep threads off each other's cache lines of W
-            align = 16 if sz[l] >= 64 * nth else 1
-            _split(sz[l], tid, nth, align, &j0, &j1)
-            _split(sz[l + 1], tid, nth, 1, &o0, &o1)
-            _update_block(W[l], B[l], delta[l + 1], inp[l], nb, sz[l + 1], sz[l], lr, c.l2, c.l1, j0, j1, o0, o1)
+            align = 16 if sz[l] >= 64 * NB else 1
+            blk = tid
+            while blk < NB:
+                _split(sz[l], blk, NB, align, &j0, &j1)
+                _split(sz[l + 1], blk, NB, 1, &o0, &o1)
+                _update_block(W[l], B[l], delta[l + 1], inp[l], nb, sz[l + 1], sz[l], lr, c.l2, c.l1, j0, j1, o0, o1)
+                blk = blk + nth
         fm_barrier(nth)
 
 
@@ -762,7 +773,7 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
 
 def train_epoch(X, y, order, list weights, list biases, lrs, int hidden_act, int output_act, int loss,
                 Py_ssize_t batch_size, double l2, double l1, thresholds, scales, uint64_t seed, uint64_t step0,
-                int n_threads=1):
+                int n_threads=1, int n_blocks=0):
     """One epoch of minibatch SGD in one compiled call, without the GIL (see ``reference.train_epoch``).
 
     Parameters
@@ -790,6 +801,9 @@ def train_epoch(X, y, order, list weights, list biases, lrs, int hidden_act, int
         OpenMP threads (each takes a block of every minibatch's rows and a block
         of every ``W``'s columns); the caller must keep BLAS single-threaded
         when this is above 1.  Ignored without OpenMP.
+    n_blocks : int
+        Row blocks of every minibatch and column blocks of every ``W`` (0: ``n_threads``).  The result
+        depends on the blocks only, not on how many threads run them.
 
     Returns
     -------
@@ -803,6 +817,10 @@ def train_epoch(X, y, order, list weights, list biases, lrs, int hidden_act, int
         return 0.0, 0
     if not FM_HAVE_OPENMP or n_threads < 1:
         n_threads = 1
+    if n_blocks < 1:
+        n_blocks = n_threads
+    if n_threads > n_blocks:
+        n_threads = n_blocks
     dt = X.dtype
     nb = min(batch_size, n_used)
     thr = np.ascontiguousarray(thresholds, dtype=np.int64)
@@ -825,8 +843,8 @@ def train_epoch(X, y, order, list weights, list biases, lrs, int hidden_act, int
 
     p_w, p_b, p_raw, p_inp, p_mask, p_delta = (_ptr_array(weights), _ptr_array(biases), _ptr_array(raw),
                                                _ptr_array(inp), _ptr_array(mask), _ptr_array(delta))
-    loss_acc = np.zeros(n_threads * PAD, np.float64)
-    correct_acc = np.zeros(n_threads * PAD, np.int64)
+    loss_acc = np.zeros(n_blocks * PAD, np.float64)
+    correct_acc = np.zeros(n_blocks * PAD, np.int64)
     yy = np.ascontiguousarray(y, dtype=np.int64)
     oo = np.ascontiguousarray(order, dtype=np.int64)
 
@@ -855,6 +873,7 @@ def train_epoch(X, y, order, list weights, list biases, lrs, int hidden_act, int
     c.step0 = step0
     c.loss_acc = <double*>_data(loss_acc)
     c.correct_acc = <int64_t*>_data(correct_acc)
+    c.n_blocks = n_blocks
     cdef fm_worker_t fn = _worker_f64
     if dt == np.float32:
         fn = _worker_f32

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import ModuleType
@@ -229,16 +230,54 @@ def fit_context(sizes: list[int], batch_size: int) -> AbstractContextManager[boo
     return nullcontext(False)
 
 
-def _n_threads(sizes: list[int], batch_size: int) -> int:
-    if not OPENMP:
-        return 1
+def _n_blocks(sizes: list[int], batch_size: int) -> int:
+    """How many blocks each minibatch (rows) and each ``W`` (columns) is cut into.
+
+    The result of an epoch depends on the blocks, not on how many threads run them.  With
+    ``NUM_THREADS`` set the blocks follow it; otherwise they follow the shape only: two where
+    splitting pays (DESIGN §4), one elsewhere.
+    """
     if NUM_THREADS is not None:
-        return NUM_THREADS
-    cpus = _cpus()
-    if cpus < 2 or batch_size < 2:
+        return NUM_THREADS if OPENMP else 1
+    if batch_size < 2 or _cpus() < 2:
         return 1
     macs = max(a * b for a, b in zip(sizes[:-1], sizes[1:])) * batch_size
     return 2 if _SPLIT_MIN_MACS <= macs <= _SPLIT_MAX_MACS else 1
+
+
+#: last measured seconds per sample of an epoch, per (shape, batch size, dtype) and thread count
+_speed: dict[tuple, dict[int, float]] = {}
+_calls: dict[tuple, int] = {}
+#: with threads chosen automatically, the slower choice is measured again every this many epochs
+#: (four times as rarely when it was more than three times slower)
+_PROBE_EVERY = 16
+
+
+def _choose_threads(key: tuple, n_blocks: int) -> int:
+    """Threads for the next epoch: as many as blocks, unless one thread has been measured faster.
+
+    On a machine busy with other work a two-thread epoch can be many times slower than a
+    one-thread epoch (every step waits twice for the other thread, which may not be running);
+    measuring both now and then picks the faster.  The choice never changes the result.
+    """
+    if n_blocks < 2 or not OPENMP:
+        return 1
+    if NUM_THREADS is not None:
+        return min(NUM_THREADS, n_blocks)
+    calls = _calls[key] = _calls.get(key, 0) + 1
+    seen = _speed.get(key, {})
+    if n_blocks not in seen:
+        return n_blocks
+    if 1 not in seen:
+        return 1
+    best, other = (1, n_blocks) if seen[1] < seen[n_blocks] else (n_blocks, 1)
+    every = _PROBE_EVERY * (4 if seen[other] > 3 * seen[best] else 1)
+    return other if calls % every == 0 else best
+
+
+def _n_threads(sizes: list[int], batch_size: int) -> int:
+    """Upper bound of the threads an epoch of this shape may use (for pinning BLAS)."""
+    return _n_blocks(sizes, batch_size) if OPENMP else 1
 
 
 def train_epoch(
@@ -288,13 +327,18 @@ def train_epoch(
     sizes = [X.shape[1]] + [W.shape[0] for W in weights]
     args = (X, y, order, list(weights), list(biases), lrs, hidden_act, output_act, loss, batch_size, l2, l1,
             thresholds, scales, seed, step0)  # fmt: skip
-    n_threads = _n_threads(sizes, batch_size)
-    if n_threads > 1:
+    n_blocks = _n_blocks(sizes, batch_size)
+    if n_blocks > 1:
+        key = (tuple(sizes), batch_size, X.dtype.char)
+        n_threads = _choose_threads(key, n_blocks)
         with _blas_pinned() as pinned:
-            if pinned:
-                return _k.train_epoch(*args, n_threads)
-        # BLAS not found, so it cannot be kept off our threads: stay on one
-    return _k.train_epoch(*args, 1)
+            if not pinned:  # BLAS not found, so it cannot be kept off our threads: stay on one
+                n_threads = 1
+            t0 = time.perf_counter()
+            result = _k.train_epoch(*args, n_threads, n_blocks)
+            _speed.setdefault(key, {})[n_threads] = (time.perf_counter() - t0) / max(1, order.shape[0])
+            return result
+    return _k.train_epoch(*args, 1, 1)
 
 
 def describe() -> str:
