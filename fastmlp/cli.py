@@ -31,51 +31,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------- argument types
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not np.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
+def _arg_type(convert: type, ok: Any, requirement: str) -> Any:
+    """An argparse ``type=``: ``convert`` the string, then check it, with a one-line message either way."""
+
+    def parse(s: str) -> Any:
+        try:
+            v = convert(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if convert is int else 'a number'}") from None
+        if (convert is float and not np.isfinite(v)) or not ok(v):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {s}")
+        return v
+
+    parse.__name__ = requirement
+    return parse
 
 
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not np.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def _probability(s: str) -> float:
-    v = _nonneg_float(s)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"a drop probability must be in [0, 1), got {s}")
-    return v
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
+_positive_float = _arg_type(float, lambda v: v > 0, "must be a positive number")
+_nonneg_float = _arg_type(float, lambda v: v >= 0, "must be >= 0")
+_probability = _arg_type(float, lambda v: 0 <= v < 1, "a drop probability must be in [0, 1)")
+_positive_int = _arg_type(int, lambda v: v >= 1, "must be a positive integer")
+_nonneg_int = _arg_type(int, lambda v: v >= 0, "must be >= 0")
 
 
 # ---------------------------------------------------------------------- data
