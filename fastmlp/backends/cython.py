@@ -34,6 +34,7 @@ from types import ModuleType
 
 import numpy as np
 
+from fastmlp import config
 from fastmlp.backends._contract import ACT_CODES, LOSS_CODES
 
 NAME = "cython"
@@ -116,21 +117,8 @@ if _k.ACT_CODES != ACT_CODES or _k.LOSS_CODES != LOSS_CODES:
 OPENMP: bool = bool(_k.HAVE_OPENMP)
 
 
-def _env_threads() -> int | None:
-    raw = os.environ.get("FASTMLP_NUM_THREADS", "").strip()
-    if not raw:
-        return None
-    try:
-        n = int(raw)
-    except ValueError:
-        raise ImportError(f"$FASTMLP_NUM_THREADS must be a positive integer, got {raw!r}") from None
-    if n < 1:
-        raise ImportError(f"$FASTMLP_NUM_THREADS must be a positive integer, got {raw!r}")
-    return n
-
-
 #: threads of ``train_epoch`` (None: choose per shape, at most 2 and the CPUs available)
-NUM_THREADS: int | None = _env_threads()
+NUM_THREADS: int | None = config.NUM_THREADS  # $FASTMLP_NUM_THREADS, parsed once in fastmlp.config
 
 forward = _k.forward
 output_delta = _k.output_delta
