@@ -1,14 +1,18 @@
 """Build script: the Cython extensions of fastmlp.
 
-The kernels (``fastmlp/_cython/_kernels.pxi``) are compiled twice:
+The kernels (``fastmlp/_cython/_kernels.pxi``) are compiled three times:
 
 ``fastmlp._cython._kernels``
     baseline ISA of the platform (SSE2 on x86-64): runs on any CPU.
 ``fastmlp._cython._kernels_avx2``
     ``-mavx2 -mfma`` (x86 only); :mod:`fastmlp.backends.cython` loads it only on
     a CPU that has AVX2 and FMA.  Not built where the compiler rejects the flags.
+``fastmlp._cython._kernels_avx512``
+    ``-mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma`` (x86 only), with
+    its own matrix kernels (``_simd_gemm.h``) instead of BLAS; loaded only on a
+    CPU with those extensions.  Not built where the compiler rejects the flags.
 
-Both use ``-O3 -ffast-math`` and link glibc's ``libmvec`` so that gcc turns the
+All use ``-O3 -ffast-math`` and link glibc's ``libmvec`` so that gcc turns the
 sigmoid's ``exp`` into a vectorized call (DESIGN §4).  ``-ffast-math`` is a
 *compile* flag only: given at link time, gcc < 13 links ``crtfastmath.o``, which
 switches on flush-to-zero for the whole process when the module is imported.
@@ -65,6 +69,17 @@ int main(void) {
 
 _PROBE_EMPTY = "int main(void) { return 0; }\n"
 
+# the intrinsics _simd_gemm.h uses, so that an assembler or compiler too old for them drops the variant
+_PROBE_AVX512 = r"""
+#include <immintrin.h>
+int main(void) {
+    float x[16] = {0};
+    __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_set1_ps(2.0f), _mm512_maskz_loadu_ps(3, x));
+    __m512d d = _mm512_fmadd_pd(_mm512_loadu_pd((double *)x), _mm512_set1_pd(2.0), _mm512_setzero_pd());
+    return (int)(_mm512_reduce_add_ps(v) + _mm512_reduce_add_pd(d));
+}
+"""
+
 
 def _probe(compiler, source, cflags, ldflags=(), libraries=()):
     """Whether ``compiler`` compiles and links ``source`` with these flags."""
@@ -95,25 +110,31 @@ class BuildExt(build_ext):
         cc = self.compiler
         if cc.compiler_type == "msvc":
             base, avx2, mvec, omp = ["/O2"], ["/arch:AVX2"], False, (["/openmp"], [])
-            have_avx2, have_omp = True, WANT_OPENMP
+            avx512 = ["/arch:AVX512"]
+            have_avx2, have_avx512, have_omp = True, True, WANT_OPENMP
         else:
             base = ["-O3"]
             avx2 = ["-mavx2", "-mfma"]
+            avx512 = ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", *avx2]
             mvec = _probe(cc, _PROBE_MVEC, ["-O3", "-ffast-math"], libraries=["mvec", "m"])
             have_avx2 = _probe(cc, _PROBE_EMPTY, avx2)
+            have_avx512 = have_avx2 and _probe(cc, _PROBE_AVX512, ["-O2", *avx512])
             if have_avx2 and mvec:
                 mvec = _probe(cc, _PROBE_MVEC, ["-O3", "-ffast-math", *avx2], libraries=["mvec", "m"])
+            if have_avx512 and mvec:  # the AVX-512 build calls libmvec's 512-bit variants
+                have_avx512 = _probe(cc, _PROBE_MVEC, ["-O3", "-ffast-math", *avx512], libraries=["mvec", "m"])
             omp = (["-fopenmp"], ["-fopenmp"])
             have_omp = WANT_OPENMP and _probe(cc, _PROBE_OPENMP, *omp)
         fast = ["-ffast-math"] if mvec else ["-fno-math-errno"]
         print(f"fastmlp build: OpenMP {'on' if have_omp else 'off'}, libmvec {'on' if mvec else 'off'}, "
-              f"AVX2 variant {'on' if have_avx2 else 'off'}", file=sys.stderr)  # fmt: skip
+              f"AVX2 variant {'on' if have_avx2 else 'off'}, AVX-512 variant {'on' if have_avx512 else 'off'}",
+              file=sys.stderr)  # fmt: skip
         keep = []
         for ext in self.extensions:
-            is_avx2 = ext.name.endswith("_avx2")
-            if is_avx2 and not have_avx2:
+            isa = {"_avx2": avx2, "_avx512": avx512}.get(ext.name[ext.name.rfind("_"):], [])
+            if (isa is avx2 and not have_avx2) or (isa is avx512 and not have_avx512):
                 continue
-            ext.extra_compile_args = [*base, *fast, *(avx2 if is_avx2 else [])]
+            ext.extra_compile_args = [*base, *fast, *isa]
             ext.extra_link_args = []
             if mvec:
                 ext.libraries = [*ext.libraries, "mvec", "m"]
@@ -129,15 +150,16 @@ def _ext(name, source):
     return Extension(
         name,
         [source],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "fastmlp/_cython"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("FASTMLP_DEBUG_BUILD", "1" if DEBUG else "0")],
-        depends=["fastmlp/_cython/_kernels.pxi"],
+        depends=["fastmlp/_cython/_kernels.pxi", "fastmlp/_cython/_simd_gemm.h", "fastmlp/_cython/_simd_gemm_t.h"],
     )
 
 
 extensions = [
     _ext("fastmlp._cython._kernels", "fastmlp/_cython/_kernels.pyx"),
     _ext("fastmlp._cython._kernels_avx2", "fastmlp/_cython/_kernels_avx2.pyx"),
+    _ext("fastmlp._cython._kernels_avx512", "fastmlp/_cython/_kernels_avx512.pyx"),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives), cmdclass={"build_ext": BuildExt})

@@ -215,6 +215,41 @@ def test_inplace_update(be, dtype, shape, lr, l2, l1):
     np.testing.assert_array_equal(A, A_before)
 
 
+# ------------------------------------------------------------------ products over every tile remainder
+#: rows, inputs and outputs around the register tiles of the AVX-512 kernels (4 rows x 5 outputs for the
+#: forward product; 6 rows x 4 vectors of 16 float32 / 8 float64 for the update and the hidden delta) and
+#: the vector widths, so that every partial tile and masked tail runs at least once
+TILE_ROWS = (1, 2, 3, 4, 5, 6, 7, 9, 13)
+TILE_INPUTS = (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100, 131)
+TILE_OUTPUTS = (1, 4, 5, 6, 7, 11, 13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_products_over_every_tile_remainder(be, dtype):
+    """Forward, hidden delta and update against the reference for every combination of tile remainders,
+    with NaN in the output buffers the kernels must not read (``beta = 0``)."""
+    rng = _rng("tiles", dtype)
+    for n in TILE_ROWS:
+        for n_in in TILE_INPUTS:
+            for n_out in TILE_OUTPUTS:
+                what = f"n={n} n_in={n_in} n_out={n_out}"
+                A, W, b = _layer(rng, dtype, n, n_in, n_out)
+                out = np.full((n, n_out), np.nan, dtype)
+                be.forward(A, W, b, "identity", out=out)
+                _assert_close(out, REF.forward(A, W, b, "identity"), dtype, "forward " + what)
+                D = rng.normal(size=(n, n_out)).astype(dtype)
+                H = rng.uniform(size=(n, n_in)).astype(dtype)
+                got = np.full((n, n_in), np.nan, dtype)
+                be.hidden_delta(D, W, H, "sigmoid", out=got)
+                _assert_close(got, REF.hidden_delta(D, W, H, "sigmoid"), dtype, "hidden delta " + what)
+                for l2 in (0.0, 0.3, 20.0):  # 20: lr * l2 > 1 clamps the decay to 0
+                    W1, b1, W2, b2 = W.copy(), b.copy(), W.copy(), b.copy()
+                    be.inplace_update(W1, b1, D, A, 0.1, l2, 0.0)
+                    REF.inplace_update(W2, b2, D, A, 0.1, l2, 0.0)
+                    _assert_close(W1, W2, dtype, f"update l2={l2} " + what)
+                    _assert_close(b1, b2, dtype, f"update bias l2={l2} " + what)
+
+
 # ------------------------------------------------------------------ dropout
 @pytest.mark.parametrize("seed", [0, 1, 123456789, 2**64 - 1])
 @pytest.mark.parametrize(
@@ -423,8 +458,11 @@ def _python(code, **env):
 def test_cython_variant_and_isa_override():
     import fastmlp.backends.cython as cy
 
-    assert cy.VARIANT in ("baseline", "avx2")
-    assert cy.VARIANT == "avx2" or not cy.cpu_has_avx2() or os.environ.get("FASTMLP_CYTHON_ISA") == "baseline"
+    assert cy.VARIANT in ("baseline", "avx2", "avx512")
+    forced = os.environ.get("FASTMLP_CYTHON_ISA")
+    best = "avx512" if cy.cpu_has_avx512() else "avx2" if cy.cpu_has_avx2() else "baseline"
+    assert cy.VARIANT == (forced or best)
+    assert cy.SIMD_GEMM == (cy.VARIANT == "avx512")
     code = (
         "import numpy as np, fastmlp.backends.cython as cy\n"
         "from fastmlp import get_backend\n"
@@ -440,10 +478,13 @@ def test_cython_variant_and_isa_override():
     res = _python(code, FASTMLP_CYTHON_ISA="baseline")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "baseline"
-    if cy.cpu_has_avx2():
-        res = _python(code, FASTMLP_CYTHON_ISA="avx2")
-        assert res.returncode == 0, res.stderr
-        assert res.stdout.strip() == "avx2"
+    for isa, has in (("avx2", cy.cpu_has_avx2), ("avx512", cy.cpu_has_avx512)):
+        res = _python(code, FASTMLP_CYTHON_ISA=isa)
+        if has():
+            assert res.returncode == 0, res.stderr
+            assert res.stdout.strip() == isa
+        else:  # forcing a build this CPU cannot run is an error, not a crash
+            assert res.returncode != 0 and "FASTMLP_CYTHON_ISA" in res.stderr
 
 
 @needs_cython

@@ -39,6 +39,20 @@ cdef extern from *:
 #: True in a ``FASTMLP_CYTHON_DEBUG=1`` build (bounds checking and wraparound on)
 DEBUG_BUILD = bool(FASTMLP_DEBUG_BUILD)
 
+cdef extern from "_simd_gemm.h" nogil:
+    int FM_SIMD_GEMM
+    void fm_nt_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
+                   float* C, int64_t ldc)
+    void fm_nt_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* W, int64_t ldw,
+                   double* C, int64_t ldc)
+    void fm_tn_f32(int64_t P, int64_t K, int64_t Q, const float* S, int64_t sp, int64_t sq, const float* R,
+                   int64_t ldr, float* C, int64_t ldc, float alpha, float beta)
+    void fm_tn_f64(int64_t P, int64_t K, int64_t Q, const double* S, int64_t sp, int64_t sq, const double* R,
+                   int64_t ldr, double* C, int64_t ldc, double alpha, double beta)
+
+#: whether this build has its own SIMD matrix kernels (the AVX-512 build); otherwise SciPy's BLAS does the products
+SIMD_GEMM = bool(FM_SIMD_GEMM)
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -152,6 +166,39 @@ cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, fl
 
 
 # --------------------------------------------------------------- activations
+cdef inline void _prod_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating* A, Py_ssize_t lda, floating* W,
+                          Py_ssize_t ldw, floating* C, Py_ssize_t ldc) noexcept nogil:
+    """``C (m, n) = A (m, k) @ W (n, k).T``; ``m, n, k >= 1``."""
+    if FM_SIMD_GEMM:
+        if floating is float:
+            fm_nt_f32(m, n, k, A, lda, W, ldw, C, ldc)
+        else:
+            fm_nt_f64(m, n, k, A, lda, W, ldw, C, ldc)
+    else:
+        # C.T (n, m) = Wc.T @ A.T in BLAS's column-major view
+        _gemm(TRANS, NOTRANS, <int>n, <int>m, <int>k, <floating>1, W, <int>ldw, A, <int>lda, <floating>0, C, <int>ldc)
+
+
+cdef inline void _prod_tn(Py_ssize_t p, Py_ssize_t k, Py_ssize_t q, floating* S, Py_ssize_t sp, Py_ssize_t sq,
+                          floating* R, Py_ssize_t ldr, floating* C, Py_ssize_t ldc, floating alpha,
+                          floating beta) noexcept nogil:
+    """``C (p, k) = beta C + alpha S (p, q) @ R (q, k)``, ``S`` with strides ``(sp, sq)``, one of them 1.
+
+    ``beta == 0`` never reads ``C``; ``p, k >= 1``, ``q >= 0``.
+    """
+    if FM_SIMD_GEMM:
+        if floating is float:
+            fm_tn_f32(p, k, q, S, sp, sq, R, ldr, C, ldc, alpha, beta)
+        else:
+            fm_tn_f64(p, k, q, S, sp, sq, R, ldr, C, ldc, alpha, beta)
+    elif sp == 1 and (sq != 1 or p == 1):
+        # C.T (k, p) = alpha R.T (k, q) @ S (q, p) [S.T in column-major, ld sq] + beta C.T
+        _gemm(NOTRANS, TRANS, <int>k, <int>p, <int>q, alpha, R, <int>ldr, S, <int>sq, beta, C, <int>ldc)
+    else:
+        # C.T (k, p) = alpha R.T (k, q) @ S.T (q, p) [S column-major (q, p), ld sp] + beta C.T
+        _gemm(NOTRANS, NOTRANS, <int>k, <int>p, <int>q, alpha, R, <int>ldr, S, <int>sp, beta, C, <int>ldc)
+
+
 cdef inline floating _exp(floating x) noexcept nogil:
     if floating is float:
         return expf(x)
@@ -210,14 +257,12 @@ cdef inline void _bias_act_row(floating* z, floating* b, Py_ssize_t n, int act) 
 
 cdef void _forward_rows(floating* A, floating* W, floating* b, floating* Z, Py_ssize_t n, Py_ssize_t n_in,
                         Py_ssize_t n_out, int act) noexcept nogil:
-    """``Z (n, n_out) = act(A (n, n_in) W.T + b)``: one gemm, then bias and activation row by row."""
+    """``Z (n, n_out) = act(A (n, n_in) W.T + b)``: one product, then bias and activation row by row."""
     cdef Py_ssize_t r
     if n <= 0 or n_out <= 0:
         return
     if n_in > 0:
-        # Z.T (n_out, n) = Wc.T (n_out, n_in) @ A.T (n_in, n)
-        _gemm(TRANS, NOTRANS, <int>n_out, <int>n, <int>n_in, <floating>1, W, <int>n_in, A, <int>n_in,
-              <floating>0, Z, <int>n_out)
+        _prod_nt(n, n_out, n_in, A, n_in, W, n_in, Z, n_out)
     else:
         memset(Z, 0, n * n_out * sizeof(floating))
     for r in range(n):
@@ -331,8 +376,8 @@ cdef void _update_block(floating* W, floating* b, floating* D, floating* A, Py_s
     else:
         beta = <floating>decay
     # Wc[j0:j1, :] (colmajor, ld n_in) = beta Wc[j0:j1, :] - lr A.T[j0:j1, :] @ D  (D.T is (n_out, n), ld n_out)
-    _gemm(NOTRANS, TRANS, <int>(j1 - j0), <int>n_out, <int>n, <floating>(-lr), A + j0, <int>n_in, D, <int>n_out,
-          beta, W + j0, <int>n_in)
+    if j1 > j0:
+        _prod_tn(n_out, j1 - j0, n, D, 1, n_out, A + j0, n_in, W + j0, n_in, <floating>(-lr), beta)
     c = <floating>lr
     for o in range(o0, o1):
         s = 0
@@ -498,8 +543,9 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
                                c.loss_acc + blk * PAD, c.correct_acc + blk * PAD)
             for l in range(L - 1, 0, -1):
                 # delta[l].T (sz[l], nr) = Wc (sz[l], sz[l+1]) @ delta[l+1].T (sz[l+1], nr), with the old W[l]
-                _gemm(NOTRANS, NOTRANS, <int>sz[l], <int>nr, <int>sz[l + 1], <floating>1, W[l], <int>sz[l],
-                      delta[l + 1] + r0 * sz[l + 1], <int>sz[l + 1], <floating>0, delta[l] + r0 * sz[l], <int>sz[l])
+                if nr > 0:
+                    _prod_tn(nr, sz[l], sz[l + 1], delta[l + 1] + r0 * sz[l + 1], sz[l + 1], 1, W[l], sz[l],
+                             delta[l] + r0 * sz[l], sz[l], <floating>1, <floating>0)
                 n_el = nr * sz[l]
                 _deriv(delta[l] + r0 * sz[l], raw[l] + r0 * sz[l],
                        mask[l] + r0 * sz[l] if mask[l] != NULL else NULL, n_el, c.hidden_act)
@@ -623,8 +669,8 @@ def hidden_delta(const floating[:, ::1] D_next, const floating[:, ::1] W_next, c
         pm = <floating*>&m[0, 0]
     with nogil:
         if n_next > 0:
-            _gemm(NOTRANS, NOTRANS, <int>n_units, <int>n, <int>n_next, <floating>1, <floating*>&W_next[0, 0], <int>n_units,
-                  <floating*>&D_next[0, 0], <int>n_next, <floating>0, &out[0, 0], <int>n_units)
+            _prod_tn(n, n_units, n_next, <floating*>&D_next[0, 0], n_next, 1, <floating*>&W_next[0, 0], n_units,
+                     &out[0, 0], n_units, <floating>1, <floating>0)
         else:
             memset(&out[0, 0], 0, n * n_units * sizeof(floating))
         _deriv(&out[0, 0], <floating*>&A[0, 0], pm, n * n_units, act)

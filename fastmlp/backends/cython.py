@@ -1,21 +1,27 @@
 """Cython backend: the kernel contract compiled, with a whole epoch in one call.
 
 The kernels live in :mod:`fastmlp._cython` (one source, ``_kernels.pxi``,
-compiled twice).  This adapter picks the build for this CPU:
+compiled three times).  This adapter picks the build for this CPU:
 
+``avx512``
+    ``-mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma``, loaded when the
+    CPU has them; it does the matrix products with its own register-tiled
+    kernels (``_simd_gemm.h``), single-threaded, instead of SciPy's BLAS;
 ``avx2``
     ``-mavx2 -mfma``, loaded when the CPU has AVX2 and FMA;
 ``baseline``
     the platform's baseline ISA, loaded otherwise.
 
-``$FASTMLP_CYTHON_ISA`` (``baseline`` or ``avx2``) forces one; :data:`VARIANT`
-says which loaded.  Importing this module raises ``ImportError`` with the reason
-when no build can load (the registry then reports the backend unavailable).
+``$FASTMLP_CYTHON_ISA`` (``avx512``, ``avx2`` or ``baseline``) forces one;
+:data:`VARIANT` says which loaded.  Importing this module raises ``ImportError``
+with the reason when no build can load (the registry then reports the backend
+unavailable).
 
-:func:`train_epoch` splits every minibatch over :data:`OPENMP` threads when the
-network is small enough that OpenBLAS would run its gemms single-threaded
-anyway (DESIGN §4); meanwhile SciPy's BLAS, which the kernels call, is pinned
-to one thread (two levels of threads on two cores oversubscribe badly) and
+:func:`train_epoch` splits every minibatch over :data:`OPENMP` threads when
+that pays: with the avx512 build's own kernels for every network but the
+tiniest, with BLAS when the network is small enough that OpenBLAS would run its
+gemms single-threaded anyway (DESIGN §4); meanwhile SciPy's BLAS is pinned to
+one thread (two levels of threads on two cores oversubscribe badly) and
 restored afterwards.  ``$FASTMLP_NUM_THREADS`` (or :data:`NUM_THREADS`) sets the
 number of threads; 1 turns the scheme off.
 
@@ -25,6 +31,7 @@ integer codes; use them through ``fastmlp.get_backend("cython")``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -62,8 +69,8 @@ _SPLIT_MIN_MACS = 200_000
 _SPLIT_MAX_MACS = 8_000_000
 
 
-def cpu_has_avx2() -> bool:
-    """Whether this CPU (and OS) supports AVX2 and FMA, from NumPy's CPU dispatch table or /proc/cpuinfo."""
+def _cpu_features() -> tuple[dict | None, set[str]]:
+    """NumPy's CPU dispatch table (None if unavailable) and the flags of /proc/cpuinfo (empty if unreadable)."""
     feats = None
     for modname in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
         try:
@@ -71,41 +78,62 @@ def cpu_has_avx2() -> bool:
             break
         except (ImportError, AttributeError):
             continue
+    flags: set[str] = set()
+    if feats is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+        except OSError:
+            pass
+    return feats, flags
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this CPU (and OS) supports AVX2 and FMA, from NumPy's CPU dispatch table or /proc/cpuinfo."""
+    feats, flags = _cpu_features()
     if feats is not None:
         return bool(feats.get("AVX2")) and bool(feats.get("FMA3"))
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma"} <= flags
-    except OSError:
-        pass
-    return False
+    return {"avx2", "fma"} <= flags
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU (and OS) supports AVX-512 F, DQ, BW and VL plus AVX2 and FMA (what the avx512 build uses)."""
+    feats, flags = _cpu_features()
+    if feats is not None:
+        return cpu_has_avx2() and all(feats.get(f) for f in ("AVX512F", "AVX512DQ", "AVX512BW", "AVX512VL"))
+    return {"avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
+
+
+_VARIANTS = ("avx512", "avx2", "baseline")
 
 
 def _load() -> tuple[ModuleType, str]:
     isa = os.environ.get(_ISA_ENV, "").strip().lower() or "auto"
-    if isa not in ("auto", "baseline", "avx2"):
-        raise ImportError(f"${_ISA_ENV} must be 'baseline' or 'avx2' (or unset), got {isa!r}")
-    if isa == "avx2" and not cpu_has_avx2():
-        raise ImportError(f"${_ISA_ENV}=avx2 but this CPU lacks AVX2/FMA")
-    if isa == "avx2" or (isa == "auto" and cpu_has_avx2()):
+    if isa not in ("auto", *_VARIANTS):
+        raise ImportError(f"${_ISA_ENV} must be one of {', '.join(_VARIANTS)} (or unset), got {isa!r}")
+    has = {"avx512": cpu_has_avx512, "avx2": cpu_has_avx2, "baseline": lambda: True}
+    if isa != "auto" and not has[isa]():
+        raise ImportError(f"${_ISA_ENV}={isa} but this CPU lacks the instructions that build needs")
+    errors = []
+    for variant in _VARIANTS if isa == "auto" else (isa,):
+        if not has[variant]():
+            continue
+        modname = "_kernels" if variant == "baseline" else f"_kernels_{variant}"
         try:
-            from fastmlp._cython import _kernels_avx2 as mod
+            mod = importlib.import_module(f"fastmlp._cython.{modname}")
         except ImportError as exc:
-            if isa == "avx2":
-                raise ImportError(f"the AVX2 build of the Cython kernels does not load: {exc}") from exc
-        else:
-            return mod, "avx2"
-    try:
-        from fastmlp._cython import _kernels as mod
-    except ImportError as exc:
-        raise ImportError(
-            f"the Cython kernels are not built or do not load ({exc}); build them with "
-            "`python setup.py build_ext --inplace` or reinstall with `pip install .`"
-        ) from exc
-    return mod, "baseline"
+            errors.append(f"{variant}: {exc}")
+            if isa != "auto":
+                raise ImportError(f"the {variant} build of the Cython kernels does not load: {exc}") from exc
+            continue
+        return mod, variant
+    raise ImportError(
+        f"the Cython kernels are not built or do not load ({'; '.join(errors)}); build them with "
+        "`python setup.py build_ext --inplace` or reinstall with `pip install .`"
+    )
 
 
 _k, VARIANT = _load()
@@ -115,6 +143,8 @@ if _k.ACT_CODES != ACT_CODES or _k.LOSS_CODES != LOSS_CODES:
 
 #: whether the loaded build has OpenMP (multi-threaded ``train_epoch``)
 OPENMP: bool = bool(_k.HAVE_OPENMP)
+#: whether the loaded build does its matrix products with its own SIMD kernels (avx512) rather than BLAS
+SIMD_GEMM: bool = bool(getattr(_k, "SIMD_GEMM", False))
 
 
 #: threads of ``train_epoch`` (None: choose per shape, at most 2 and the CPUs available)
@@ -230,6 +260,8 @@ def _n_blocks(sizes: list[int], batch_size: int) -> int:
     if batch_size < 2 or _cpus() < 2:
         return 1
     macs = max(a * b for a, b in zip(sizes[:-1], sizes[1:])) * batch_size
+    if SIMD_GEMM:  # our kernels run on our threads only: split everything that is not tiny
+        return 2 if macs >= _SPLIT_MIN_MACS else 1
     return 2 if _SPLIT_MIN_MACS <= macs <= _SPLIT_MAX_MACS else 1
 
 
@@ -332,4 +364,5 @@ def train_epoch(
 def describe() -> str:
     """One line on the loaded build, for ``fastmlp info``."""
     debug = ", debug build (bounds checking on)" if getattr(_k, "DEBUG_BUILD", False) else ""
-    return f"variant {VARIANT}, OpenMP {'on' if OPENMP else 'off'}{debug}"
+    products = "own SIMD kernels" if SIMD_GEMM else "SciPy's BLAS"
+    return f"variant {VARIANT} (matrix products: {products}), OpenMP {'on' if OPENMP else 'off'}{debug}"
