@@ -87,8 +87,9 @@ def gemm_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
 
 
 def simd_gemm_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float | None:
-    """Best-of-``repeats`` GFLOP/s of fastmlp's own SIMD forward kernel on ``(n, 1024) @ (1024, 1024)``
-    over its threads, or None when the loaded Cython build has no such kernels (only the avx512 build has).
+    """Best-of-``repeats`` GFLOP/s of fastmlp's own SIMD matrix kernels on products of ``n`` rows by
+    1024 by 1024 over two threads (the forward kernel, and the kernel that computes hidden deltas and
+    weight gradients), or None when the loaded Cython build has no such kernels (only avx512 has).
 
     NumPy's BLAS alone understates a CPU whose vector units it does not use: SciPy's and NumPy's
     OpenBLAS builds run their AVX2 kernels on CPUs they do not know, AVX-512 ones included.
@@ -99,19 +100,33 @@ def simd_gemm_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float | None:
         return None
     if not cy.SIMD_GEMM:
         return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    half = max(1, n // 2)
+    n = 2 * half
     rng = np.random.default_rng(0)
     X = rng.random((n, 1024)).astype(dtype)
     W = (rng.random((1024, 1024)) * 1e-3).astype(dtype)
     b = np.zeros(1024, dtype=dtype)
     out = np.empty((n, 1024), dtype=dtype)
     ident = ACT_CODES["identity"]
-    best = np.inf
-    with cy._blas_pinned():  # inside a pin, forward_network splits its rows over our threads
+    parts = [(X[:half], X[half:]), (out[:half], out[half:])]
+    ones = np.ones((half, 1024), dtype=dtype)
+
+    def forward() -> None:  # inside a pin, forward_network splits its rows over our threads
         cy.forward_network(X, [W], [b], ident, ident, out)
-        for _ in range(repeats):
-            t = time.perf_counter()
-            cy.forward_network(X, [W], [b], ident, ident, out)
-            best = min(best, time.perf_counter() - t)
+
+    def delta(i: int) -> None:  # (half, 1024) @ (1024, 1024), times identity' = 1
+        cy.hidden_delta(parts[0][i], W, ones, ident, None, parts[1][i])
+
+    best = np.inf
+    with cy._blas_pinned(), ThreadPoolExecutor(2) as pool:
+        for fn in (forward, lambda: list(pool.map(delta, range(2)))):
+            fn()
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
     return 2.0 * n * 1024 * 1024 / best / 1e9
 
 

@@ -167,9 +167,10 @@ def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.nd
     ``compat.train``) that holds the BLAS on one thread (:func:`fit_context`), inputs of two chunks of
     256 rows or more are split over two OpenMP threads instead: the validation pass then neither runs
     single-threaded nor wakes OpenBLAS's own workers, which would keep spinning into the next epoch.
+    The avx512 build, which calls no BLAS, always splits such inputs.
     """
     n_threads = 1
-    if OPENMP and _pin_depth > 0 and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
+    if OPENMP and (_pin_depth > 0 or SIMD_GEMM) and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
         n_threads = min(NUM_THREADS if NUM_THREADS is not None else _cpus(), 2)
     _k.forward_network(X, weights, biases, hidden_act, output_act, out, n_threads)
 
