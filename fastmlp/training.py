@@ -74,8 +74,10 @@ class History:
     restored_best: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        """The per-epoch lists and the summary fields as a plain dict."""
+        """The per-epoch lists and the summary fields as a plain dict (``step_lr`` as lists of floats, one per
+        epoch, so that the dict serializes to JSON as it is)."""
         d: dict[str, Any] = {k: (None if getattr(self, k) is None else list(getattr(self, k))) for k in _METRICS}
+        d["step_lr"] = [a.tolist() for a in self.step_lr]
         d.update(best_epoch=self.best_epoch, stopped_epoch=self.stopped_epoch, interrupted=self.interrupted,
                  diverged=self.diverged, restored_best=self.restored_best)  # fmt: skip
         return d

@@ -1,6 +1,7 @@
 """Network: initialisation, inference, fit variants, persistence."""
 
 import io
+import json
 import os
 import zipfile
 from contextlib import redirect_stdout
@@ -66,6 +67,8 @@ def test_fit_learns_blobs(backend, dtype, rng):
     d = hist.as_dict()
     assert set(d) >= {"train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds"}
     assert d["lr"] == [0.5] * 15
+    assert d["step_lr"] == []  # a constant rate records no per-step rates
+    json.dumps(d)
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, None])

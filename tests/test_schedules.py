@@ -164,6 +164,7 @@ def test_fit_records_schedule_rates(backend, rng):
     expected = [0.4 * (0.25 + 0.75 * min(t, 7) / 7) for t in range(9)]
     np.testing.assert_allclose(hist.iteration_lr(), expected, rtol=1e-15)
     assert [a.shape for a in hist.step_lr] == [(3,)] * 3
+    np.testing.assert_allclose(np.concatenate(hist.as_dict()["step_lr"]), expected, rtol=1e-15)
     np.testing.assert_allclose(hist.lr, np.mean(np.reshape(expected, (3, 3)), axis=1), rtol=1e-15)
     # the rates really reach the kernel: the same fit with the recorded rates given by hand is identical,
     # and a fit at a constant rate is not
