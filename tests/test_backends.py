@@ -27,6 +27,7 @@ import fastmlp
 from fastmlp import get_backend
 from fastmlp.backends import backend_errors
 from fastmlp.backends._contract import HIDDEN_ACTIVATIONS, KEEP_BITS, VALID_OUTPUT_LOSS, keep_threshold, mask_bits
+from fastmlp.backends._threads import ThreadChoice
 
 COMPILED = [name for name in fastmlp.available_backends() if name != "numpy"]
 REF = get_backend("numpy")
@@ -562,16 +563,15 @@ def test_cython_thread_choice_follows_measurements(monkeypatch):
 
     monkeypatch.setattr(cy, "NUM_THREADS", None)
     monkeypatch.setattr(cy, "OPENMP", True)
-    monkeypatch.setattr(cy, "_speed", {})
-    monkeypatch.setattr(cy, "_calls", {})
+    monkeypatch.setattr(cy, "_choice", ThreadChoice())
     key = ("shape",)
     assert cy._choose_threads(key, 2) == 2  # first: as many threads as blocks
-    cy._speed[key] = {2: 80e-6}
+    cy._choice.record(key, 2, 8e-3, 100)
     assert cy._choose_threads(key, 2) == 1  # then one thread, once
-    cy._speed[key][1] = 2e-6  # two threads were 40x slower (a busy machine)
+    cy._choice.record(key, 1, 2e-4, 100)  # two threads were 40x slower (a busy machine)
     picks = [cy._choose_threads(key, 2) for _ in range(200)]
     assert picks.count(2) in (3, 4)  # re-measured only every 64 epochs
-    cy._speed[key] = {2: 1e-6, 1: 2e-6}
+    cy._choice.speed[key] = {2: 1e-6, 1: 2e-6}
     picks = [cy._choose_threads(key, 2) for _ in range(64)]
     assert picks.count(1) == 4 and picks.count(2) == 60  # a quiet machine: two threads, one re-check every 16
     assert cy._choose_threads(key, 1) == 1

@@ -31,6 +31,7 @@ if "numba" not in fastmlp.available_backends():  # pragma: no cover - numba impo
 from fastmlp import config
 from fastmlp._numba import kernels as K
 from fastmlp.backends import numba as NB
+from fastmlp.backends._threads import ThreadChoice
 
 REF = get_backend("numpy")
 NBE = get_backend("numba")
@@ -172,6 +173,63 @@ def test_parallel_epoch_restores_blas_threads(monkeypatch):
     NBE.train_epoch(X, rng.integers(0, 3, 200), np.arange(200), Ws, bs, 0.1, batch_size=100)
     after = {i["filepath"]: i["num_threads"] for i in threadpool_info()}
     assert {k: after[k] for k in before} == before
+
+
+class _FixedChoice(ThreadChoice):
+    """Always the same thread count (capped by the chunks)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def choose(self, key: tuple, n_blocks: int) -> int:
+        return min(self.n, n_blocks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_thread_choice_never_changes_the_result(monkeypatch, dtype):
+    """The chunks follow the shape, so the serial variant (one thread) and the parallel one (two) compute the
+    same bits, with dropout, L1, L2 and a partial last batch: choosing threads by speed is free."""
+    monkeypatch.setattr(config, "NUM_THREADS", None)
+    monkeypatch.setattr(config, "PARALLEL", True)
+    if config.num_threads() < 2:
+        pytest.skip("Numba's thread pool has one thread here")
+    rng = np.random.default_rng(3)
+    W0, b0 = _net(rng, [37, 21, 9, 5], dtype)
+    X = rng.normal(size=(203, 37)).astype(dtype)
+    y = rng.integers(0, 5, 203)
+    order = rng.permutation(203)
+    assert NB.n_chunks_for(64, [37, 21, 9, 5]) == 2
+    results = []
+    for n in (1, 2):
+        monkeypatch.setattr(NB, "_choice", _FixedChoice(n))
+        Ws, bs = _copy(W0), _copy(b0)
+        r = NBE.train_epoch(X, y, order, Ws, bs, 0.2, hidden_act="tanh", output_act="softmax", loss="ce",
+                            batch_size=64, l2=1e-3, l1=1e-4, keep=[0.8, 0.5, 0.5], seed=7, step0=3)  # fmt: skip
+        results.append((Ws + bs, r))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert results[0][1] == results[1][1]
+
+
+def test_thread_choice_is_measured_and_env_wins(monkeypatch):
+    """Left to itself the epoch times its thread counts; FASTMLP_NUM_THREADS bypasses the measurement."""
+    monkeypatch.setattr(config, "PARALLEL", True)
+    if config.num_threads() < 2:
+        pytest.skip("Numba's thread pool has one thread here")
+    rng = np.random.default_rng(4)
+    Ws, bs = _net(rng, [20, 8, 3], "float64")
+    X, y = rng.normal(size=(200, 20)), rng.integers(0, 3, 200)
+    monkeypatch.setattr(config, "NUM_THREADS", None)
+    monkeypatch.setattr(NB, "_choice", ThreadChoice())
+    for _ in range(4):  # compile both variants, then one timed epoch with each
+        NBE.train_epoch(X, y, np.arange(200), Ws, bs, 0.1, batch_size=100)
+    (speeds,) = NB._choice.speed.values()
+    assert set(speeds) == {1, 2} and all(v > 0 for v in speeds.values())
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    monkeypatch.setattr(NB, "_choice", ThreadChoice())
+    NBE.train_epoch(X, y, np.arange(200), Ws, bs, 0.1, batch_size=100)
+    assert NB._choice.speed == {}
 
 
 def test_n_chunks_for_small_batches(monkeypatch):

@@ -441,6 +441,10 @@ class LazyKernel:
                     self._dispatchers[k] = disp
         return disp
 
+    def is_compiled(self, dtype, parallel: bool = False) -> bool:
+        """Whether ``self[dtype, parallel]`` is ready (compiled or loaded) in this process."""
+        return (np.dtype(dtype).name, bool(parallel and self.parallel and config.PARALLEL)) in self._dispatchers
+
     def _compile(self, dtype_name: str, parallel: bool):
         opts = config.jit_options(parallel=parallel)
         fm = config.FASTMATH

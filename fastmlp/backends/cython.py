@@ -43,6 +43,7 @@ import numpy as np
 
 from fastmlp import config
 from fastmlp.backends._contract import ACT_CODES, LOSS_CODES
+from fastmlp.backends._threads import ThreadChoice
 
 NAME = "cython"
 
@@ -266,34 +267,16 @@ def _n_blocks(sizes: list[int], batch_size: int) -> int:
     return 2 if _SPLIT_MIN_MACS <= macs <= _SPLIT_MAX_MACS else 1
 
 
-#: last measured seconds per sample of an epoch, per (shape, batch size, dtype) and thread count
-_speed: dict[tuple, dict[int, float]] = {}
-_calls: dict[tuple, int] = {}
-#: with threads chosen automatically, the slower choice is measured again every this many epochs
-#: (four times as rarely when it was more than three times slower)
-_PROBE_EVERY = 16
+_choice = ThreadChoice()
 
 
 def _choose_threads(key: tuple, n_blocks: int) -> int:
-    """Threads for the next epoch: as many as blocks, unless one thread has been measured faster.
-
-    On a machine busy with other work a two-thread epoch can be many times slower than a
-    one-thread epoch (every step waits twice for the other thread, which may not be running);
-    measuring both now and then picks the faster.  The choice never changes the result.
-    """
+    """Threads for the next epoch: ``$FASTMLP_NUM_THREADS`` when set, else measured (:mod:`._threads`)."""
     if n_blocks < 2 or not OPENMP:
         return 1
     if NUM_THREADS is not None:
         return min(NUM_THREADS, n_blocks)
-    calls = _calls[key] = _calls.get(key, 0) + 1
-    seen = _speed.get(key, {})
-    if n_blocks not in seen:
-        return n_blocks
-    if 1 not in seen:
-        return 1
-    best, other = (1, n_blocks) if seen[1] < seen[n_blocks] else (n_blocks, 1)
-    every = _PROBE_EVERY * (4 if seen[other] > 3 * seen[best] else 1)
-    return other if calls % every == 0 else best
+    return _choice.choose(key, n_blocks)
 
 
 def _n_threads(sizes: list[int], batch_size: int) -> int:
@@ -357,7 +340,7 @@ def train_epoch(
                 n_threads = 1
             t0 = time.perf_counter()
             result = _k.train_epoch(*args, n_threads, n_blocks)
-            _speed.setdefault(key, {})[n_threads] = (time.perf_counter() - t0) / max(1, order.shape[0])
+            _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])
             return result
     return _k.train_epoch(*args, 1, 1)
 

@@ -17,6 +17,7 @@ hundred kB against an epoch of gemms.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ except Exception as exc:  # any failure (missing, broken llvmlite, NumPy mismatc
     raise ImportError(f"the numba backend needs the 'numba' package, which failed to import: {exc}") from exc
 
 from fastmlp import config
+from fastmlp.backends._threads import ThreadChoice
 
 NAME = "numba"
 
@@ -46,6 +48,8 @@ _load_lock = threading.Lock()
 _controller = None
 #: a minibatch is split over threads only when every thread gets at least this many rows
 MIN_ROWS_PER_THREAD = 16
+#: measured thread choice of train_epoch (see fastmlp.backends._threads)
+_choice = ThreadChoice()
 
 
 def _k():
@@ -236,9 +240,16 @@ def train_epoch(
     """
     theta, sizes = _flat(weights, biases)
     n_chunks = n_chunks_for(min(batch_size, order.shape[0]), sizes.tolist())
-    # the serial variant when one thread: a parallel region per step costs a barrier, and an idle
-    # OpenMP thread spinning on a busy 2-core machine can stall the main thread for a whole time slice
-    kern = _k().train_epoch[X.dtype, n_chunks > 1]
+    # the chunks depend on the shape and config only; how many threads run them does not change the
+    # result: unless FASTMLP_NUM_THREADS says, measure one and n_chunks now and then and keep the faster
+    key = (tuple(sizes.tolist()), batch_size, X.dtype.char)
+    n_threads = n_chunks if config.NUM_THREADS is not None else _choice.choose(key, n_chunks)
+    # the serial variant for one chunk (a parallel region per step costs a barrier); the parallel one
+    # otherwise, also when it runs on one thread: the two variants compile to different float32 roundings
+    entry = _k().train_epoch
+    # a first call's compilation is not a speed
+    timed = config.NUM_THREADS is None and entry.is_compiled(X.dtype, n_chunks > 1)
+    kern = entry[X.dtype, n_chunks > 1]
     args = (
         _aligned(X), _aligned(y), _aligned(order), theta, sizes, _aligned(lrs),
         int(hidden_act), int(output_act), int(loss), int(batch_size), float(l2), float(l1),
@@ -247,10 +258,13 @@ def train_epoch(
     if n_chunks > 1:
         import numba as nb
 
-        nb.set_num_threads(n_chunks)
+        nb.set_num_threads(n_threads)
         # two levels of threads oversubscribe the cores (DESIGN §4): BLAS runs single-threaded meanwhile
         with _blas_controller().limit(limits=1, user_api="blas"):
+            t0 = time.perf_counter()
             loss_sum, n_correct = kern(*args)
+            if timed:
+                _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])
     else:
         loss_sum, n_correct = kern(*args)
     _unflat(theta, weights, biases)
