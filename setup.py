@@ -131,8 +131,9 @@ class BuildExt(build_ext):
               file=sys.stderr)  # fmt: skip
         keep = []
         for ext in self.extensions:
-            isa = {"_avx2": avx2, "_avx512": avx512}.get(ext.name[ext.name.rfind("_"):], [])
-            if (isa is avx2 and not have_avx2) or (isa is avx512 and not have_avx512):
+            variants = {"_kernels_avx2": (avx2, have_avx2), "_kernels_avx512": (avx512, have_avx512)}
+            isa, have = variants.get(ext.name.rsplit(".", 1)[-1], ([], True))
+            if not have:
                 continue
             ext.extra_compile_args = [*base, *fast, *isa]
             ext.extra_link_args = []

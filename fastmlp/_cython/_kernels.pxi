@@ -165,7 +165,7 @@ cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, fl
         _dgemm(&ta, &tb, &m, &n, &k, &alpha, A, &lda, B, &ldb, &beta, C, &ldc)
 
 
-# --------------------------------------------------------------- activations
+# --------------------------------------------------------------- matrix products
 cdef inline void _prod_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating* A, Py_ssize_t lda, floating* W,
                           Py_ssize_t ldw, floating* C, Py_ssize_t ldc) noexcept nogil:
     """``C (m, n) = A (m, k) @ W (n, k).T``; ``m, n, k >= 1``."""
@@ -199,6 +199,7 @@ cdef inline void _prod_tn(Py_ssize_t p, Py_ssize_t k, Py_ssize_t q, floating* S,
         _gemm(NOTRANS, NOTRANS, <int>k, <int>p, <int>q, alpha, R, <int>ldr, S, <int>sp, beta, C, <int>ldc)
 
 
+# --------------------------------------------------------------- activations
 cdef inline floating _exp(floating x) noexcept nogil:
     if floating is float:
         return expf(x)
@@ -375,7 +376,7 @@ cdef void _update_block(floating* W, floating* b, floating* D, floating* A, Py_s
         beta = 1
     else:
         beta = <floating>decay
-    # Wc[j0:j1, :] (colmajor, ld n_in) = beta Wc[j0:j1, :] - lr A.T[j0:j1, :] @ D  (D.T is (n_out, n), ld n_out)
+    # W[:, j0:j1] (n_out, j1 - j0) = beta W[:, j0:j1] - lr D.T (n_out, n) @ A[:, j0:j1] (n, j1 - j0)
     if j1 > j0:
         _prod_tn(n_out, j1 - j0, n, D, 1, n_out, A + j0, n_in, W + j0, n_in, <floating>(-lr), beta)
     c = <floating>lr
@@ -542,7 +543,7 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
             _output_delta_rows(raw[L], c.y, idx, c.output_act, c.loss, delta[L], r0, r1, sz[L], nb,
                                c.loss_acc + blk * PAD, c.correct_acc + blk * PAD)
             for l in range(L - 1, 0, -1):
-                # delta[l].T (sz[l], nr) = Wc (sz[l], sz[l+1]) @ delta[l+1].T (sz[l+1], nr), with the old W[l]
+                # delta[l] (nr, sz[l]) = delta[l+1] (nr, sz[l+1]) @ W[l] (sz[l+1], sz[l]), with the old W[l]
                 if nr > 0:
                     _prod_tn(nr, sz[l], sz[l + 1], delta[l + 1] + r0 * sz[l + 1], sz[l + 1], 1, W[l], sz[l],
                              delta[l] + r0 * sz[l], sz[l], <floating>1, <floating>0)

@@ -1,5 +1,6 @@
 /* fastmlp: body of the SIMD kernels, included by _simd_gemm.h once per dtype
- * with T (element), V (vector), VN (lanes), SUF (name suffix) and the V_* operations defined. */
+ * with T (element), V (vector), VN (lanes), SUF (name suffix) and the V_* operations defined;
+ * undefines them all at the end, ready for the next dtype. */
 
 #define FM_CAT_(a, b) a##_##b
 #define FM_CAT(a, b) FM_CAT_(a, b)
@@ -207,3 +208,16 @@ static void FN(fm_tn)(int64_t P, int64_t K, int64_t Q, const T *S, int64_t sp, i
 #undef FN
 #undef FM_CAT
 #undef FM_CAT_
+#undef T
+#undef SUF
+#undef V
+#undef VN
+#undef V_ZERO
+#undef V_LOAD
+#undef V_LOADM
+#undef V_STORE
+#undef V_STOREM
+#undef V_SET1
+#undef V_FMA
+#undef V_MUL
+#undef V_RSUM

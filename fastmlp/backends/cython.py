@@ -92,20 +92,22 @@ def _cpu_features() -> tuple[dict | None, set[str]]:
     return feats, flags
 
 
-def cpu_has_avx2() -> bool:
-    """Whether this CPU (and OS) supports AVX2 and FMA, from NumPy's CPU dispatch table or /proc/cpuinfo."""
+def _cpu_has(numpy_names: tuple[str, ...], cpuinfo_flags: tuple[str, ...]) -> bool:
     feats, flags = _cpu_features()
     if feats is not None:
-        return bool(feats.get("AVX2")) and bool(feats.get("FMA3"))
-    return {"avx2", "fma"} <= flags
+        return all(feats.get(f) for f in numpy_names)
+    return set(cpuinfo_flags) <= flags
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this CPU (and OS) supports AVX2 and FMA, from NumPy's CPU dispatch table or /proc/cpuinfo."""
+    return _cpu_has(("AVX2", "FMA3"), ("avx2", "fma"))
 
 
 def cpu_has_avx512() -> bool:
     """Whether this CPU (and OS) supports AVX-512 F, DQ, BW and VL plus AVX2 and FMA (what the avx512 build uses)."""
-    feats, flags = _cpu_features()
-    if feats is not None:
-        return cpu_has_avx2() and all(feats.get(f) for f in ("AVX512F", "AVX512DQ", "AVX512BW", "AVX512VL"))
-    return {"avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
+    return _cpu_has(("AVX2", "FMA3", "AVX512F", "AVX512DQ", "AVX512BW", "AVX512VL"),
+                    ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"))  # fmt: skip
 
 
 _VARIANTS = ("avx512", "avx2", "baseline")
