@@ -1,13 +1,13 @@
 """Build script: the Cython extensions of fastmlp.
 
-The kernels (``fastmlp/_cython/_kernels.pxi``) are compiled three times:
+The kernels (``fastmlp/backends/cython/_kernels.pxi``) are compiled three times:
 
-``fastmlp._cython._kernels``
+``fastmlp.backends.cython._kernels``
     baseline ISA of the platform (SSE2 on x86-64): runs on any CPU.
-``fastmlp._cython._kernels_avx2``
+``fastmlp.backends.cython._kernels_avx2``
     ``-mavx2 -mfma`` (x86 only); :mod:`fastmlp.backends.cython` loads it only on
     a CPU that has AVX2 and FMA.  Not built where the compiler rejects the flags.
-``fastmlp._cython._kernels_avx512``
+``fastmlp.backends.cython._kernels_avx512``
     ``-mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma`` (x86 only), with
     its own matrix kernels (``_simd_gemm.h``) instead of BLAS; loaded only on a
     CPU with those extensions.  Not built where the compiler rejects the flags.
@@ -151,16 +151,16 @@ def _ext(name, source):
     return Extension(
         name,
         [source],
-        include_dirs=[np.get_include(), "fastmlp/_cython"],
+        include_dirs=[np.get_include(), "fastmlp/backends/cython"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("FASTMLP_DEBUG_BUILD", "1" if DEBUG else "0")],
-        depends=["fastmlp/_cython/_kernels.pxi", "fastmlp/_cython/_simd_gemm.h", "fastmlp/_cython/_simd_gemm_t.h"],
+        depends=[f"fastmlp/backends/cython/{f}" for f in ("_kernels.pxi", "_simd_gemm.h", "_simd_gemm_t.h")],
     )
 
 
 extensions = [
-    _ext("fastmlp._cython._kernels", "fastmlp/_cython/_kernels.pyx"),
-    _ext("fastmlp._cython._kernels_avx2", "fastmlp/_cython/_kernels_avx2.pyx"),
-    _ext("fastmlp._cython._kernels_avx512", "fastmlp/_cython/_kernels_avx512.pyx"),
+    _ext("fastmlp.backends.cython._kernels", "fastmlp/backends/cython/_kernels.pyx"),
+    _ext("fastmlp.backends.cython._kernels_avx2", "fastmlp/backends/cython/_kernels_avx2.pyx"),
+    _ext("fastmlp.backends.cython._kernels_avx512", "fastmlp/backends/cython/_kernels_avx512.pyx"),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives), cmdclass={"build_ext": BuildExt})

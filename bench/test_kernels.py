@@ -12,7 +12,7 @@ import pytest
 from conftest import BACKENDS, DTYPES
 
 from fastmlp import get_backend
-from fastmlp.backends._contract import ACT_CODES, LOSS_CODES, keep_threshold
+from fastmlp.backends.contract import ACT_CODES, LOSS_CODES, keep_threshold
 
 # (batch, n_in, n_out): the layers of the three benchmark configurations
 SHAPES = [(100, 784, 50), (100, 50, 10), (256, 784, 256), (512, 1024, 1024)]

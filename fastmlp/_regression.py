@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastmlp import _validation as V
-from fastmlp.backends._contract import KEEP_BITS, keep_threshold
+from fastmlp.backends.contract import KEEP_BITS, keep_threshold
 from fastmlp.callbacks import Callback
 from fastmlp.training import _epoch_lrs
 from fastmlp.training import _finite_params as _finite

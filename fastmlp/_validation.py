@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fastmlp.backends._contract import (
+from fastmlp.backends.contract import (
     ACT_CODES,
     DTYPES,
     HIDDEN_ACTIVATIONS,
@@ -204,44 +204,83 @@ def check_layers(layers: object) -> list[int]:
 
 
 def check_parameters(
-    weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], dtype: np.dtype | None = None, *, finite: bool = False
+    weights: Sequence[np.ndarray],
+    biases: Sequence[np.ndarray],
+    dtype: np.dtype | None = None,
+    *,
+    finite: bool = False,
+    sizes: Sequence[int] | None = None,
+    what: str = "",
 ) -> np.dtype:
     """Check that weights/biases chain, share one float dtype and no memory; return that dtype.
 
-    With ``finite``, also that they hold no NaN or infinity (the compiled
-    kernels assume finite numbers).
+    With ``sizes`` (the layer widths ``[n_in, ..., n_out]``) the shapes must be
+    exactly ``W_l (sizes[l+1], sizes[l])``; with ``finite``, no value may be NaN
+    or infinite (the compiled kernels assume finite numbers).  ``what`` names
+    the arrays in messages (default: weights/biases).
     """
-    for what, seq in (("weights", weights), ("biases", biases)):
+    wn, bn = (f"{what} weights", f"{what} biases") if what else ("weights", "biases")
+    for name, seq in ((wn, weights), (bn, biases)):
         if isinstance(seq, np.ndarray) or not isinstance(seq, Sequence):
-            raise TypeError(f"{what} must be a list of numpy arrays (one per layer), got {type(seq).__name__}")
+            raise TypeError(f"{name} must be a list of numpy arrays (one per layer), got {type(seq).__name__}")
     if len(weights) != len(biases) or len(weights) == 0:
-        raise ValueError(f"weights and biases must be non-empty lists of equal length, got {len(weights)} and {len(biases)}")
+        raise ValueError(f"{wn} and {bn} must be non-empty lists of equal length, got {len(weights)} and {len(biases)}")
+    if sizes is not None and len(weights) != len(sizes) - 1:
+        raise ValueError(f"{wn} has {len(weights)} layers but the network has {len(sizes) - 1}")
     dt = dtype if dtype is not None else getattr(weights[0], "dtype", None)
-    dt = check_dtype(dt, "weights dtype")
+    dt = check_dtype(dt, f"{wn} dtype")
     prev = None
     for i, (W, b) in enumerate(zip(weights, biases, strict=True)):
         if not isinstance(W, np.ndarray) or not isinstance(b, np.ndarray):
-            raise TypeError(f"weights[{i}] and biases[{i}] must be numpy arrays")
+            raise TypeError(f"{wn}[{i}] and {bn}[{i}] must be numpy arrays")
         if W.dtype != dt or b.dtype != dt:
-            raise TypeError(f"weights[{i}]/biases[{i}] must be {dt}, got {W.dtype}/{b.dtype}")
+            raise TypeError(f"{wn}[{i}]/{bn}[{i}] must be {dt}, got {W.dtype}/{b.dtype}")
         if W.ndim != 2 or b.ndim != 1 or b.shape[0] != W.shape[0]:
-            raise ValueError(f"weights[{i}] must be (n_out, n_in) and biases[{i}] (n_out,), got {W.shape} and {b.shape}")
+            raise ValueError(f"{wn}[{i}] must be (n_out, n_in) and {bn}[{i}] (n_out,), got {W.shape} and {b.shape}")
+        if sizes is not None and W.shape != (sizes[i + 1], sizes[i]):
+            raise ValueError(f"{wn}[{i}] has shape {W.shape} but layer {i} of the network is "
+                             f"({sizes[i + 1]}, {sizes[i]}); put back arrays of the network's shapes")  # fmt: skip
         if not (W.flags.c_contiguous and b.flags.c_contiguous and W.flags.writeable and b.flags.writeable):
-            raise ValueError(f"weights[{i}] and biases[{i}] must be writeable C-contiguous arrays; use np.ascontiguousarray")
+            raise ValueError(f"{wn}[{i}] and {bn}[{i}] must be writeable C-contiguous arrays; use np.ascontiguousarray")
+        if not (W.flags.aligned and b.flags.aligned):
+            raise ValueError(f"{wn}[{i}] and {bn}[{i}] must be aligned arrays; copy them with np.array(...)")
         if prev is not None and W.shape[1] != prev:
-            raise ValueError(f"weights[{i}] has {W.shape[1]} inputs but layer {i - 1} has {prev} outputs")
+            raise ValueError(f"{wn}[{i}] has {W.shape[1]} inputs but layer {i - 1} has {prev} outputs")
         if max(W.shape) > MAX_DIM:
-            raise ValueError(f"weights[{i}] has shape {W.shape}; a dimension above {MAX_DIM} is too large for BLAS")
+            raise ValueError(f"{wn}[{i}] has shape {W.shape}; a dimension above {MAX_DIM} is too large for BLAS")
         if finite and not (all_finite(W) and all_finite(b)):
-            raise ValueError(f"weights[{i}]/biases[{i}] contain NaN or infinite values")
+            raise ValueError(f"{wn}[{i}]/{bn}[{i}] contain NaN or infinite values")
         prev = W.shape[0]
     # parameters are updated in place one after the other: two views of one buffer would corrupt each other
-    params = [(f"weights[{i}]", W) for i, W in enumerate(weights)] + [(f"biases[{i}]", b) for i, b in enumerate(biases)]
+    params = [(f"{wn}[{i}]", W) for i, W in enumerate(weights)] + [(f"{bn}[{i}]", b) for i, b in enumerate(biases)]
     for j, (name_j, p) in enumerate(params):
         for name_k, q in params[j + 1 :]:
             if p.size and q.size and np.may_share_memory(p, q):
                 raise ValueError(f"{name_j} and {name_k} share memory; pass separate arrays (copy one of them)")
     return dt
+
+
+def as_sample_weight(sample_weight: object, n_samples: int, name: str = "sample_weight") -> np.ndarray:
+    """Row weights: a fresh-enough C-contiguous float64 ``(n_samples,)`` array, finite and non-negative.
+
+    A scalar is broadcast to every row (as scikit-learn's ``_check_sample_weight``).
+    """
+    if isinstance(sample_weight, (str, bytes)):
+        raise TypeError(f"{name} must be an array of non-negative numbers, got {type(sample_weight).__name__}")
+    try:
+        arr = np.asarray(sample_weight)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of non-negative numbers: {exc}") from exc
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if arr.ndim == 0:
+        arr = np.full(n_samples, float(arr))
+    if arr.ndim != 1 or arr.shape[0] != n_samples:
+        raise ValueError(f"{name} must be 1-D with one weight per row ({n_samples}), got shape {arr.shape}")
+    out = np.ascontiguousarray(arr, dtype=np.float64)
+    if not np.isfinite(out).all() or (out < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0")
+    return out
 
 
 def as_kernel_array(

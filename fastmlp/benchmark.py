@@ -33,7 +33,7 @@ import numpy as np
 
 from fastmlp import _classic
 from fastmlp.backends import available_backends, get_backend
-from fastmlp.backends._contract import ACT_CODES, KEEP_BITS, LOSS_CODES
+from fastmlp.backends.contract import ACT_CODES, KEEP_BITS, LOSS_CODES
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,129 @@
-"""Callbacks of the fit loop: early stopping and the base class for others."""
+"""Callbacks of the fit loop, and the one "no improvement within patience" rule.
+
+:class:`Plateau` is the only place the rule is written: :class:`EarlyStopping`
+(fastmlp's, Keras's and scikit-learn's conventions),
+:class:`~fastmlp.schedules.ReduceLROnPlateau` (PyTorch's) and
+scikit-learn's adaptive learning rate all count bad epochs with it.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fastmlp import _validation as V
 
 if TYPE_CHECKING:
+    from fastmlp.history import History
     from fastmlp.network import Network
-    from fastmlp.training import History
+
+__all__ = ["Callback", "EarlyStopping", "Plateau"]
+
+#: metrics of a History that a rule can watch, and whether larger is better
+MONITORS: dict[str, bool] = {
+    "valid_loss": False,
+    "valid_acc": True,
+    "valid_score": True,
+    "train_loss": False,
+    "train_data_loss": False,
+    "train_acc": True,
+}
+
+
+class Plateau:
+    """Counts epochs without improvement of a metric.
+
+    An epoch *improves* when its value beats the reference by more than
+    ``threshold`` (``mode='min'``: ``value < best - threshold``, or
+    ``value < best * (1 - threshold)`` with ``relative``); with ``inclusive``
+    an improvement of exactly ``threshold`` counts too (scikit-learn's
+    ``tol``).  ``best`` follows improvements only, or with ``track_any`` every
+    value better than it (scikit-learn).  ``bad`` counts the epochs in a row
+    without improvement; the rule is :attr:`exhausted` once ``bad > patience``.
+    A non-finite value never improves.
+
+    Parameters
+    ----------
+    mode : {'min', 'max'}
+    threshold : float
+        Required improvement (>= 0).
+    patience : int
+        Bad epochs tolerated (>= 0).
+    relative : bool
+        Compare relative to ``best`` (PyTorch's ``threshold_mode='rel'``).
+    inclusive : bool
+        An improvement of exactly ``threshold`` counts.
+    track_any : bool
+        ``best`` follows every better value, not only improvements.
+    """
+
+    def __init__(self, mode: str = "min", threshold: float = 0.0, patience: int = 0, *, relative: bool = False,
+                 inclusive: bool = False, track_any: bool = False) -> None:  # fmt: skip
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.mode = mode
+        self.threshold = V.check_float(threshold, "threshold", low=0.0)
+        self.patience = V.check_int(patience, "patience", minimum=0)
+        self.relative = bool(relative)
+        self.inclusive = bool(inclusive)
+        self.track_any = bool(track_any)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the best value and the count."""
+        self.best: float = math.inf if self.mode == "min" else -math.inf
+        self.bad = 0
+
+    def _ref(self) -> float:
+        t = self.threshold
+        if self.mode == "min":
+            return self.best * (1.0 - t) if self.relative else self.best - t
+        return self.best * (1.0 + t) if self.relative else self.best + t
+
+    def update(self, value: float) -> tuple[bool, bool]:
+        """Take one epoch's value; return ``(improved, new_best)``."""
+        v = float(value)
+        if not math.isfinite(v):
+            self.bad += 1
+            return False, False
+        ref = self._ref()
+        if self.mode == "min":
+            improved = v <= ref if self.inclusive else v < ref
+            better = v < self.best
+        else:
+            improved = v >= ref if self.inclusive else v > ref
+            better = v > self.best
+        new_best = improved or (self.track_any and better)
+        if new_best:
+            self.best = v
+        self.bad = 0 if improved else self.bad + 1
+        return improved, new_best
+
+    @property
+    def exhausted(self) -> bool:
+        """More than ``patience`` bad epochs in a row."""
+        return self.bad > self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad = float(state["best"]), int(state["bad"])
+
+    def __repr__(self) -> str:
+        return (f"Plateau(mode={self.mode!r}, threshold={self.threshold:g}, patience={self.patience}, "
+                f"best={self.best:.6g}, bad={self.bad})")  # fmt: skip
 
 
 class Callback:
     """Hooks called by :func:`fastmlp.training.fit`; override what you need.
 
-    ``on_epoch_end`` returns ``True`` to stop training.
+    ``on_epoch_end`` returns ``True`` to stop training.  A callback's state
+    goes into checkpoints through :meth:`state_dict` (by default every
+    attribute that is a number, string, bool, None or a list/dict of those).
     """
 
     def on_train_begin(self, net: Network, history: History) -> None:
@@ -29,83 +136,147 @@ class Callback:
     def on_train_end(self, net: Network, history: History) -> None:
         """Called once at the end, also after an interrupt or a divergence."""
 
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(json_state, arrays)``: what a checkpoint keeps of this callback."""
+        return {k: v for k, v in vars(self).items() if _jsonable(v)}, {}
+
+    def load_state_dict(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        for k, v in state.items():
+            setattr(self, k, v)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
+def _jsonable(v: object) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_jsonable(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _jsonable(x) for k, x in v.items())
+    return False
+
+
 class EarlyStopping(Callback):
-    """Stop when a validation metric has not improved for ``patience`` epochs.
+    """Stop when a metric has not improved for a while; keep the best epoch's weights.
 
     Parameters
     ----------
     patience : int
-        Epochs without improvement before stopping (>= 1).
+        ``convention='keras'`` (the default): stop after ``patience`` epochs in
+        a row without an improvement (>= 1).  ``convention='sklearn'``: stop once
+        more than ``patience`` epochs in a row did not improve (scikit-learn's
+        ``n_iter_no_change``).
     min_delta : float
-        An improvement must exceed this (in the metric's units).
-    monitor : {'valid_loss', 'valid_acc'}
-        Metric to watch; loss is minimized, accuracy maximized.
+        The improvement needed (in the metric's units; scikit-learn's ``tol``).
+    monitor : {'valid_loss', 'valid_acc', 'valid_score', 'train_loss', 'train_data_loss', 'train_acc'}
+        Losses are minimized, accuracies and scores maximized.
     restore_best : bool
-        Restore the best epoch's weights at the end of training, whether or
+        Put the best epoch's weights back at the end of training, whether or
         not it stopped early.
+    convention : {'keras', 'sklearn'}
+        ``'keras'``: an epoch improves when it beats the best by more than
+        ``min_delta``, and the best follows improvements.  ``'sklearn'``: an
+        epoch improves when it beats the best by at least ``min_delta``, and
+        the best (and the weights kept) follow every better value.
+    on_plateau : callable, optional
+        Called when the patience runs out; when it returns True training goes
+        on with a fresh count (scikit-learn's ``learning_rate='adaptive'``
+        divides the rate there), else it stops.
 
     Attributes
     ----------
     best_epoch : int or None
-        1-based epoch of the best metric so far.
+        Epoch number of the best value so far.
     best_value : float
     stopped_epoch : int or None
-        1-based epoch after which training stopped early, ``None`` if it ran to the end.
+        Epoch after which training stopped early, ``None`` if it ran to the end.
     """
 
-    def __init__(self, patience: int = 10, min_delta: float = 0.0, monitor: str = "valid_loss", restore_best: bool = True):
-        self.patience = V.check_int(patience, "patience", minimum=1)
+    def __init__(
+        self,
+        patience: int = 10,
+        min_delta: float = 0.0,
+        monitor: str = "valid_loss",
+        restore_best: bool = True,
+        convention: str = "keras",
+        on_plateau: Callable[[], bool] | None = None,
+    ) -> None:
+        self.patience = V.check_int(patience, "patience", minimum=1 if convention == "keras" else 0)
         self.min_delta = V.check_float(min_delta, "min_delta", low=0.0)
-        if monitor not in ("valid_loss", "valid_acc"):
-            raise ValueError(f"monitor must be 'valid_loss' or 'valid_acc', got {monitor!r}")
+        if monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {', '.join(map(repr, MONITORS))}, got {monitor!r}")
+        if convention not in ("keras", "sklearn"):
+            raise ValueError(f"convention must be 'keras' or 'sklearn', got {convention!r}")
+        if on_plateau is not None and not callable(on_plateau):
+            raise TypeError("on_plateau must be callable (returning True to keep training) or None")
         self.monitor = monitor
         self.restore_best = bool(restore_best)
+        self.convention = convention
+        self.on_plateau = on_plateau
+        sk = convention == "sklearn"
+        self.rule = Plateau("max" if MONITORS[monitor] else "min", self.min_delta,
+                            self.patience if sk else self.patience - 1, inclusive=sk, track_any=sk)  # fmt: skip
         self._reset()
 
     def _reset(self) -> None:
+        self.rule.reset()
         self.best_epoch: int | None = None
-        self.best_value: float = np.inf if self.monitor == "valid_loss" else -np.inf
         self.stopped_epoch: int | None = None
         self.best_weights: tuple[list[np.ndarray], list[np.ndarray]] | None = None
-        self._wait = 0
+
+    @property
+    def best_value(self) -> float:
+        return self.rule.best
 
     def __repr__(self) -> str:
-        return (
-            f"EarlyStopping(patience={self.patience}, min_delta={self.min_delta}, monitor={self.monitor!r}, "
-            f"restore_best={self.restore_best})"
-        )
-
-    def _improved(self, value: float) -> bool:
-        if self.monitor == "valid_loss":
-            return value < self.best_value - self.min_delta
-        return value > self.best_value + self.min_delta
+        conv = "" if self.convention == "keras" else f", convention={self.convention!r}"
+        return (f"EarlyStopping(patience={self.patience}, min_delta={self.min_delta}, monitor={self.monitor!r}, "
+                f"restore_best={self.restore_best}{conv})")  # fmt: skip
 
     def on_train_begin(self, net: Network, history: History) -> None:
-        if history.valid_loss is None:
-            raise ValueError("early stopping needs validation data: pass X_valid and y_valid to fit")
+        if self.monitor.startswith("valid") and history.valid_loss is None:
+            raise ValueError(f"early stopping on {self.monitor!r} needs validation data: pass X_valid and y_valid "
+                             "(or validation_split=) to fit, or monitor='train_loss'")  # fmt: skip
+        if getattr(history, self.monitor) is None:
+            raise ValueError(f"early stopping on {self.monitor!r}: this fit does not record it "
+                             "(accuracy is not defined for regression targets); monitor a loss or valid_score")  # fmt: skip
         self._reset()
 
     def on_epoch_end(self, net: Network, history: History) -> bool:
         value = getattr(history, self.monitor)[-1]
-        epoch = history.epoch[-1]
-        # a non-finite value never counts as an improvement (a NaN best would block every later one)
-        if np.isfinite(value) and (self.best_epoch is None or self._improved(value)):
-            self.best_value, self.best_epoch, self._wait = float(value), epoch, 0
-            self.best_weights = net.get_params()
-            history.best_epoch = epoch
+        _, new_best = self.rule.update(value)
+        if new_best:
+            self.best_epoch = history.epoch[-1]
+            history.best_epoch = self.best_epoch
+            if self.restore_best:
+                self.best_weights = net.get_params()
+        if not self.rule.exhausted:
             return False
-        self._wait += 1
-        if self._wait >= self.patience:
-            self.stopped_epoch = epoch
-            history.stopped_epoch = epoch
-            return True
-        return False
+        if self.on_plateau is not None and self.on_plateau():
+            self.rule.bad = 0
+            return False
+        self.stopped_epoch = history.epoch[-1]
+        return True
 
     def on_train_end(self, net: Network, history: History) -> None:
         if self.restore_best and self.best_weights is not None:
             net.set_params(*self.best_weights)
             history.restored_best = True
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        state = {"rule": self.rule.state_dict(), "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch}
+        arrays: dict[str, np.ndarray] = {}
+        if self.best_weights is not None:
+            for i, (W, b) in enumerate(zip(*self.best_weights, strict=True)):
+                arrays[f"W{i}"], arrays[f"b{i}"] = W, b
+        state["n_best"] = len(arrays) // 2
+        return state, arrays
+
+    def load_state_dict(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.rule.load_state_dict(state["rule"])
+        self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
+        n = int(state.get("n_best", 0))
+        self.best_weights = ([arrays[f"W{i}"] for i in range(n)], [arrays[f"b{i}"] for i in range(n)]) if n else None

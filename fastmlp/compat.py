@@ -26,7 +26,7 @@ import numpy as np
 
 from fastmlp import _validation as V
 from fastmlp.backends import get_backend
-from fastmlp.backends._contract import ACT_CODES, KEEP_BITS, LOSS_CODES
+from fastmlp.backends.contract import ACT_CODES, KEEP_BITS, LOSS_CODES
 
 __all__ = [
     "NeuralNetMLP",

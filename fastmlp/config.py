@@ -1,6 +1,6 @@
 """Compiler flags of the Numba backend, set in one place.
 
-Every ``@njit`` kernel in :mod:`fastmlp._numba.kernels` takes its options from
+Every ``@njit`` kernel in :mod:`fastmlp.backends.numba.kernels` takes its options from
 :func:`jit_options`; no kernel sets a flag of its own.  The values are read
 once, at import, from these environment variables (unset means the default):
 
@@ -15,10 +15,9 @@ once, at import, from these environment variables (unset means the default):
     Compile ``train_epoch`` with ``parallel=True`` so that one epoch can split
     every minibatch over threads (``prange``).  ``0`` compiles it serial; the
     results are the same up to rounding.
-``FASTMLP_NUM_THREADS`` (default: Numba's, i.e. the number of cores)
-    Threads ``train_epoch`` uses when compiled parallel.  While it runs with
-    more than one thread, BLAS is pinned to one thread (two levels of threads
-    on two cores oversubscribe badly, DESIGN §4) and restored afterwards.
+``FASTMLP_NUM_THREADS``
+    The thread budget of both compiled backends, read by
+    :mod:`fastmlp._threads` (not here).
 ``FASTMLP_NUMBA_CACHE`` (default ``1``)
     Cache compiled kernels on disk (``cache=True``) so that a second process
     loads them instead of compiling; ``NUMBA_CACHE_DIR`` moves the cache.
@@ -32,7 +31,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["BOUNDSCHECK", "CACHE", "FASTMATH", "NUM_THREADS", "PARALLEL", "jit_options", "num_threads"]
+__all__ = ["BOUNDSCHECK", "CACHE", "FASTMATH", "PARALLEL", "jit_options", "pool_size"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -65,27 +64,12 @@ def _env_fastmath(name: str) -> bool | frozenset[str]:
     raise ValueError(f"${name} must be 'safe', 'full'/1 or 0, got {raw!r}")
 
 
-def _env_threads(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return None
-    try:
-        n = int(raw)
-    except ValueError:
-        raise ValueError(f"${name} must be a positive integer, got {raw!r}") from None
-    if n < 1:
-        raise ValueError(f"${name} must be a positive integer, got {raw!r}")
-    return n
-
-
 #: ``fastmath`` argument of every kernel: a set of LLVM flags, True (all) or False
 FASTMATH: bool | frozenset[str] = _env_fastmath("FASTMLP_NUMBA_FASTMATH")
 #: compile ``train_epoch`` with ``parallel=True``
 PARALLEL: bool = _env_bool("FASTMLP_NUMBA_PARALLEL", True)
 #: cache compiled kernels on disk
 CACHE: bool = _env_bool("FASTMLP_NUMBA_CACHE", True)
-#: thread count for parallel epochs (None: Numba's default)
-NUM_THREADS: int | None = _env_threads("FASTMLP_NUM_THREADS")
 #: bounds-check array accesses (debugging only)
 BOUNDSCHECK: bool = _env_bool("FASTMLP_NUMBA_BOUNDSCHECK", False)
 
@@ -117,9 +101,8 @@ def jit_options(*, parallel: bool = False) -> dict[str, object]:
     }
 
 
-def num_threads() -> int:
-    """Threads a parallel ``train_epoch`` uses: ``FASTMLP_NUM_THREADS`` or Numba's count, capped by Numba's pool."""
+def pool_size() -> int:
+    """Threads in Numba's pool (``NUMBA_NUM_THREADS``): the most a parallel epoch can use."""
     import numba  # local: this module must stay importable without numba
 
-    pool = int(numba.config.NUMBA_NUM_THREADS)
-    return pool if NUM_THREADS is None else max(1, min(NUM_THREADS, pool))
+    return int(numba.config.NUMBA_NUM_THREADS)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastmlp import _validation as V
-from fastmlp.backends._contract import ACT_CODES, KEEP_BITS, LOSS_CODES
+from fastmlp.backends.contract import ACT_CODES, KEEP_BITS, LOSS_CODES
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

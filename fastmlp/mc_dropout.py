@@ -1,7 +1,7 @@
 """Monte-Carlo dropout: predict many times with dropout on, report the mean and the spread.
 
 The masks come from the counter-based generator of the kernel contract
-(:mod:`fastmlp.backends._contract`), drawn by the backend's compiled
+(:mod:`fastmlp.backends.contract`), drawn by the backend's compiled
 ``dropout_mask``, so a seed gives the same numbers on every backend.  The rows
 of ``X`` are processed in blocks of :data:`MC_BLOCK`; Monte-Carlo sample ``s``
 of block ``j`` masks layer input ``l`` with the contract's mask for
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fastmlp import _validation as V
-from fastmlp.backends._contract import ACT_CODES, keep_threshold
+from fastmlp.backends.contract import ACT_CODES, keep_threshold
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

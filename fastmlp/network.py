@@ -1,58 +1,110 @@
-"""The :class:`Network`: parameters, forward pass, prediction, evaluation, save/load."""
+"""The :class:`Network`: parameters, initialisation, forward pass, prediction, evaluation, save/load."""
 
 from __future__ import annotations
 
-import io
 import json
-import lzma
 import os
-import zipfile
-import zlib
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fastmlp import _validation as V
-from fastmlp._io import atomic_write
+from fastmlp._io import atomic_write, check_output_path, read_npz
 from fastmlp.backends import Backend, get_backend
 from fastmlp.backends import reference as _ref
-from fastmlp.backends._contract import ACT_CODES, LOSS_CODES
+from fastmlp.backends.contract import ACT_CODES, DEFAULT_OUTPUT, LOSS_CODES, OPTIMIZER_SLOTS, OptimizerState
 
 if TYPE_CHECKING:
+    from fastmlp.history import History
     from fastmlp.mc_dropout import MCPrediction
-    from fastmlp.training import History
 
-#: version of the ``.npz`` model format written by :meth:`Network.save`
-FORMAT_VERSION = 1
+__all__ = ["INITS", "Network", "init_params"]
+
+#: version of the ``.npz`` model format written by :meth:`Network.save` (1: no optimizer state, no init)
+FORMAT_VERSION = 2
 #: rows per chunk when predicting, so a large X never needs one huge activation matrix
 PREDICT_CHUNK = 8192
+#: initialisations of :class:`Network`
+INITS: tuple[str, ...] = ("normal", "glorot", "he")
+#: the largest network :meth:`Network.load` builds (parameters), far above any small MLP
+MAX_LOAD_PARAMS = 1 << 28
+_MODEL_MEMBER = re.compile(r"^(meta|W\d+|b\d+|s[Wb]\d+_\d+)$")
 
 
-class Network:
-    """A fully connected feed-forward network trained by minibatch SGD.
+def init_params(layers: Sequence[int], init: str, activation: str, rng: np.random.RandomState,
+                dtype: object) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+    """Initial ``(weights, biases)`` drawn from ``rng`` layer by layer.
+
+    ``'normal'``: ``W ~ N(0, 0.1)``, ``b = 0`` (the classic notebook's ``NeuralNetMLP``).
+    ``'glorot'``: scikit-learn's ``_init_coef``: ``bound = sqrt(6 / (fan_in + fan_out))``
+    (``sqrt(2 / ...)`` for a sigmoid hidden activation), ``coef ~ U(-bound, bound)`` of
+    shape ``(fan_in, fan_out)`` then ``intercept ~ U(-bound, bound)``, in that order;
+    ``W = coef.T``.  ``'he'``: ``W ~ N(0, sqrt(2 / fan_in))``, ``b = 0``.
 
     Parameters
     ----------
     layers : sequence of int
-        Layer sizes ``[n_features, n_hidden_1, ..., n_classes]``; any number of
+    init : {'normal', 'glorot', 'he'}
+    activation : str
+        The hidden activation (glorot's factor).
+    rng : numpy.random.RandomState
+    dtype : dtype
+        The draws are float64, then cast.
+
+    Returns
+    -------
+    weights : list of ndarray ``(n_out, n_in)``
+    biases : list of ndarray ``(n_out,)``
+    """
+    weights, biases = [], []
+    for n_in, n_out in zip(layers[:-1], layers[1:], strict=True):
+        if init == "glorot":
+            bound = np.sqrt((2.0 if activation == "sigmoid" else 6.0) / (n_in + n_out))
+            coef = rng.uniform(-bound, bound, (n_in, n_out))
+            b = rng.uniform(-bound, bound, n_out)
+            W = coef.T
+        elif init == "he":
+            W = rng.normal(loc=0.0, scale=np.sqrt(2.0 / n_in), size=(n_out, n_in))
+            b = np.zeros(n_out)
+        else:
+            W = rng.normal(loc=0.0, scale=0.1, size=(n_out, n_in))
+            b = np.zeros(n_out)
+        weights.append(np.ascontiguousarray(W, dtype=dtype))
+        biases.append(np.ascontiguousarray(b, dtype=dtype))
+    return weights, biases
+
+
+class Network:
+    """A fully connected feed-forward network trained by minibatch gradient descent.
+
+    Parameters
+    ----------
+    layers : sequence of int
+        Layer sizes ``[n_features, n_hidden_1, ..., n_outputs]``; any number of
         hidden layers (including none).
     activation : {'sigmoid', 'tanh', 'relu', 'identity'}
         Hidden-layer activation.
-    output : {'sigmoid', 'softmax', 'identity'}
-        Output activation.
-    loss : {'mse', 'ce'}
-        ``'mse'`` (the classic notebook's) or cross-entropy (``'ce'``, with a
-        softmax or sigmoid output).
+    output : {'sigmoid', 'softmax', 'identity', 'exp'}, optional
+        Output activation; default by loss: ``'sigmoid'`` for ``'mse'`` (the
+        notebook's), ``'softmax'`` for ``'ce'`` (``'sigmoid'`` with one output unit),
+        ``'identity'`` for ``'squared_error'``, ``'exp'`` for ``'poisson'``.
+    loss : {'mse', 'ce', 'squared_error', 'poisson'}
+        ``'mse'`` (the classic notebook's scaling), cross-entropy (``'ce'``:
+        softmax, or per-unit binary with a sigmoid output), scikit-learn's
+        ``'squared_error'`` (regression) or ``'poisson'`` (counts).
     dtype : {'float64', 'float32'}
         One floating dtype for all parameters and computations.
     backend : {'auto', 'cython', 'numba', 'numpy'}
         Kernel backend; ``'auto'`` is the fastest one available here.
     seed : int, optional
-        Seed of the initialisation: weights ~ normal(0, 0.1) drawn from
-        ``np.random.RandomState(seed)`` first layer first (as the classic
-        ``NeuralNetMLP``), biases zero.
+        Seed of the initialisation (``np.random.RandomState(seed)``, first layer first).
+    init : {'normal', 'glorot', 'he'}
+        ``'normal'``: N(0, 0.1) weights and zero biases, as the classic
+        ``NeuralNetMLP``; ``'glorot'``: scikit-learn's uniform initialisation of
+        weights and biases; ``'he'``: N(0, sqrt(2/fan_in)) for relu networks.
 
     Attributes
     ----------
@@ -60,6 +112,12 @@ class Network:
         ``W`` of each layer, shape ``(n_out, n_in)``.
     biases : list of ndarray
         ``b`` of each layer, shape ``(n_out,)``.
+    optimizer_state_ : OptimizerState or None
+        The optimizer's arrays after the last :meth:`fit` (kept for the next one).
+    epochs_ : int
+        Epochs trained so far (History epochs continue from here).
+    step_ : int
+        Minibatch steps trained so far (dropout masks never repeat across fits).
     dropout_, input_dropout_ : float or None
         Drop probabilities of the last :meth:`fit` (``None`` before any);
         the default rates of :meth:`mc_predict`; kept by :meth:`save`.
@@ -75,34 +133,56 @@ class Network:
         self,
         layers: Sequence[int],
         activation: str = "sigmoid",
-        output: str = "sigmoid",
+        output: str | None = None,
         loss: str = "mse",
         dtype: str | np.dtype = "float64",
         backend: str | Backend = "auto",
         seed: int | None = None,
+        init: str = "normal",
     ) -> None:
+        self._configure(layers, activation, output, loss, dtype, backend, seed, init)
+        self.weights, self.biases = init_params(self.layers, self.init, self.activation,
+                                                np.random.RandomState(_rs_seed(self.seed)), self.dtype)  # fmt: skip
+
+    def _configure(self, layers: Sequence[int], activation: str, output: str | None, loss: str, dtype: object,
+                   backend: str | Backend, seed: int | None, init: str) -> None:  # fmt: skip
         self.layers: list[int] = V.check_layers(layers)
         self.activation: str = V.check_activation(activation, "activation")
+        if not isinstance(loss, str) or loss not in LOSS_CODES:
+            raise ValueError(f"loss must be one of {tuple(LOSS_CODES)}, got {loss!r}")
+        if output is None:
+            output = DEFAULT_OUTPUT[loss]
+            if output == "softmax" and self.layers[-1] == 1:
+                output = "sigmoid"  # one output unit: binary cross-entropy
         self.output: str = V.check_activation(output, "output", output=True)
         self.loss: str = V.check_output_loss(self.output, loss)
+        if self.output == "softmax" and self.layers[-1] < 2:
+            raise ValueError("a softmax output needs at least 2 units; use output='sigmoid' for one unit")
         self.dtype: np.dtype = V.check_dtype(dtype)
         self.seed: int | None = V.check_seed(seed)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init: str = init
         self._backend: Backend = get_backend(backend)
-        rng = np.random.RandomState(self.seed)
-        self.weights: list[np.ndarray] = []
-        self.biases: list[np.ndarray] = []
-        for n_in, n_out in zip(self.layers[:-1], self.layers[1:], strict=True):
-            W = rng.normal(loc=0.0, scale=0.1, size=(n_out, n_in))
-            self.weights.append(np.ascontiguousarray(W, dtype=self.dtype))
-            self.biases.append(np.zeros(n_out, dtype=self.dtype))
         #: keep probability of each layer's input when dropout scales at prediction time (classic dropout)
         self.predict_keep: list[float] | None = None
-        #: drop probabilities of hidden units and inputs in the last fit (defaults of mc_predict)
         self.dropout_: float | None = None
         self.input_dropout_: float | None = None
-        #: global minibatch step counter (dropout masks never repeat across fits)
         self.step_: int = 0
+        self.epochs_: int = 0
+        self.optimizer_state_: OptimizerState | None = None
         self.history_: History | None = None
+
+    def reset(self) -> None:
+        """Initialise the weights again (``init`` and ``seed``) and forget every trace of training."""
+        W, b = init_params(self.layers, self.init, self.activation, np.random.RandomState(_rs_seed(self.seed)),
+                           self.dtype)  # fmt: skip
+        self.weights, self.biases = W, b
+        self.predict_keep = None
+        self.dropout_ = self.input_dropout_ = None
+        self.step_ = self.epochs_ = 0
+        self.optimizer_state_ = None
+        self.history_ = None
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -113,6 +193,9 @@ class Network:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         name = state.get("_backend", "auto")
+        state.setdefault("init", "normal")
+        state.setdefault("epochs_", 0)
+        state.setdefault("optimizer_state_", None)
         self.__dict__.update(state)
         try:
             self._backend = get_backend(name)
@@ -135,9 +218,19 @@ class Network:
         return self.layers[0]
 
     @property
-    def n_classes(self) -> int:
-        """Number of output units (classes)."""
+    def n_outputs(self) -> int:
+        """Number of output units."""
         return self.layers[-1]
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes of a classifier: the output units (2 for one sigmoid unit)."""
+        return max(2, self.layers[-1]) if self.output == "sigmoid" and self.layers[-1] == 1 else self.layers[-1]
+
+    @property
+    def is_regressor(self) -> bool:
+        """Whether the output is a real value (identity or exp output)."""
+        return self.output in ("identity", "exp") and self.loss in ("squared_error", "poisson")
 
     @property
     def n_parameters(self) -> int:
@@ -160,16 +253,31 @@ class Network:
             "loss": self.loss,
             "dtype": self.dtype.name,
             "seed": self.seed,
+            "init": self.init,
         }
+
+    def check_parameters(self) -> None:
+        """Check that ``weights``/``biases`` still are arrays of the network's shapes and dtype, finite.
+
+        Raises
+        ------
+        TypeError, ValueError
+            When a parameter was replaced by an array of another shape or dtype, or holds NaN/inf.
+        """
+        for name in ("weights", "biases"):
+            if not isinstance(getattr(self, name), list):
+                setattr(self, name, list(getattr(self, name)))
+        V.check_parameters(self.weights, self.biases, self.dtype, finite=True, sizes=self.layers)
 
     def get_params(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Copies of ``(weights, biases)``."""
         return [W.copy() for W in self.weights], [b.copy() for b in self.biases]
 
     def set_params(self, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> None:
-        """Copy ``weights``/``biases`` (same shapes as the network's) into the network, in place."""
+        """Copy ``weights``/``biases`` (the network's shapes, finite, representable in its dtype) in place."""
         if len(weights) != len(self.weights) or len(biases) != len(self.biases):
             raise ValueError(f"expected {len(self.weights)} weight matrices and bias vectors")
+        checked = []
         for i, (W, b) in enumerate(zip(weights, biases, strict=True)):
             W, b = np.asarray(W), np.asarray(b)
             if W.shape != self.weights[i].shape or b.shape != self.biases[i].shape:
@@ -177,13 +285,26 @@ class Network:
                     f"layer {i}: expected shapes {self.weights[i].shape} and {self.biases[i].shape}, "
                     f"got {W.shape} and {b.shape}"
                 )
-            if not (np.isfinite(W).all() and np.isfinite(b).all()):
-                raise ValueError(f"layer {i}: weights and biases must be finite")
-            self.weights[i][...] = W
-            self.biases[i][...] = b
+            if W.dtype.kind not in "iuf" or b.dtype.kind not in "iuf":
+                raise TypeError(f"layer {i}: weights and biases must be real numbers, got {W.dtype} and {b.dtype}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                Wc, bc = W.astype(self.dtype), b.astype(self.dtype)
+            if not (V.all_finite(Wc) and V.all_finite(bc)):
+                raise ValueError(f"layer {i}: weights and biases must be finite in {self.dtype} "
+                                 "(NaN, inf, or values too large for the network's dtype)")  # fmt: skip
+            checked.append((Wc, bc))
+        for i, (Wc, bc) in enumerate(checked):
+            if self.weights[i].shape != Wc.shape or self.weights[i].dtype != self.dtype or \
+                    not self.weights[i].flags.writeable:  # fmt: skip
+                self.weights[i] = np.empty_like(Wc)
+            if self.biases[i].dtype != self.dtype or not self.biases[i].flags.writeable:
+                self.biases[i] = np.empty_like(bc)
+            self.weights[i][...] = Wc
+            self.biases[i][...] = bc
 
     # ------------------------------------------------------------------ inference
     def _inference_params(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        self.check_parameters()
         if self.predict_keep is None:
             return self.weights, self.biases
         # classic (non-inverted) dropout: scale each layer's weights by its input keep probability
@@ -213,7 +334,7 @@ class Network:
         return acts
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Output activations (class scores; probabilities for softmax).
+        """Output activations (class probabilities for softmax; per-unit probabilities for sigmoid).
 
         Parameters
         ----------
@@ -221,14 +342,14 @@ class Network:
 
         Returns
         -------
-        ndarray (n_samples, n_classes)
+        ndarray (n_samples, n_outputs)
         """
         X = V.as_features(X, self.dtype, n_features=self.n_features)
         return self._proba_checked(X)
 
     def _proba_checked(self, X: np.ndarray) -> np.ndarray:
         Ws, bs = self._inference_params()
-        out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
+        out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
         h, o = ACT_CODES[self.activation], ACT_CODES[self.output]
         raw = self._backend.raw
         for start in range(0, X.shape[0], PREDICT_CHUNK):
@@ -237,8 +358,18 @@ class Network:
         return out
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted class indices ``(n_samples,)`` (arg-max of the output)."""
-        return np.argmax(self.predict_proba(X), axis=1)
+        """Predictions ``(n_samples,)``: class indices (arg-max; ``output > 0.5`` for one sigmoid unit).
+
+        For a regression network (identity or exp output with ``squared_error`` or
+        ``poisson``) the outputs themselves: ``(n_samples,)`` for one output,
+        ``(n_samples, n_outputs)`` otherwise.
+        """
+        P = self.predict_proba(X)
+        if self.is_regressor:
+            return P[:, 0] if P.shape[1] == 1 else P
+        if P.shape[1] == 1:
+            return (P[:, 0] > 0.5).astype(np.int64)
+        return np.argmax(P, axis=1)
 
     def mc_predict(
         self,
@@ -286,121 +417,241 @@ class Network:
 
         return mc_predict(self, X, n_samples=n_samples, seed=seed, dropout=dropout, input_dropout=input_dropout)
 
-    def evaluate(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """Mean data loss and accuracy on ``(X, y)``.
+    def evaluate(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> tuple[float, float]:
+        """Mean data loss and accuracy (R² for a regression network) on ``(X, y)``.
 
         Parameters
         ----------
         X : array-like (n_samples, n_features)
-        y : array of int (n_samples,)
+        y : array-like
+            Class indices ``(n_samples,)`` or targets ``(n_samples, n_outputs)``, as for :meth:`fit`.
+        sample_weight : array-like (n_samples,), optional
 
         Returns
         -------
         loss : float
-            Mean per-sample loss (MSE: mean over classes of the squared error,
-            as the classic ``mse_loss``; CE: mean negative log-likelihood).
-        accuracy : float
-            Fraction of correct arg-max predictions, in [0, 1].
+            Mean per-sample loss (MSE: mean over outputs of the squared error, as
+            the classic ``mse_loss``; CE: mean negative log-likelihood), weighted
+            by ``sample_weight``.
+        score : float
+            Accuracy in [0, 1] (subset accuracy for multi-label targets), or R².
         """
+        from fastmlp.training import as_targets
+
         X = V.as_features(X, self.dtype, n_features=self.n_features)
-        yy = V.as_labels(y, X.shape[0], self.n_classes)
-        return self._evaluate_checked(X, yy)
+        _, Y = as_targets(self, y, X.shape[0])
+        sw = None if sample_weight is None else V.as_sample_weight(sample_weight, X.shape[0])
+        loss, _, score = self._evaluate_checked(X, Y, sw, None)
+        return loss, score
 
-    def _evaluate_checked(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    def _evaluate_checked(self, X: np.ndarray, Y: np.ndarray, sw: np.ndarray | None,
+                          score: Callable[..., float] | None) -> tuple[float, float | None, float]:  # fmt: skip
+        """``(mean loss, accuracy or None, score)`` of validated data (labels or a dense target matrix)."""
         A = self._proba_checked(X)
-        loss = _ref.LOSSES[LOSS_CODES[self.loss]](A, y, ACT_CODES[self.output]) / X.shape[0]
-        acc = float(np.count_nonzero(np.argmax(A, axis=1) == y)) / X.shape[0]
-        return float(loss), acc
+        T = _ref.target_matrix(Y, self.n_outputs, self.dtype)
+        li = _ref.sample_losses(A, T, ACT_CODES[self.output], LOSS_CODES[self.loss])
+        loss = float(np.mean(li)) if sw is None else float(np.dot(sw, li) / np.sum(sw))
+        regression = Y.ndim == 2 and self.output in ("identity", "exp")
+        acc = None if regression else accuracy(Y, A, sw, multilabel=Y.ndim == 2 and self.output == "sigmoid")
+        if score is not None:
+            s = float(score(Y, A, sample_weight=sw) if sw is not None else score(Y, A))
+        else:
+            s = r2(T, A, sw) if acc is None else acc
+        return loss, acc, s
 
-    def penalty(self, l2: float = 0.0, l1: float = 0.0) -> float:
-        """The norm penalty ``½·l2·Σ‖W‖² + l1·Σ‖W‖₁`` over the weights (biases are not penalized)."""
+    def penalty(self, l2: float = 0.0, l1: float = 0.0, alpha: float = 0.0, n: float = 1.0) -> float:
+        """The penalty ``½·l2·Σ‖W‖² + l1·Σ‖W‖₁ + ½·alpha·Σ‖W‖²/n`` over the weights (never the biases)."""
         total = 0.0
         for W in self.weights:
-            if l2:
-                total += 0.5 * l2 * float(np.dot(W.ravel(), W.ravel()))
+            if l2 or alpha:
+                sq = float(np.dot(W.ravel(), W.ravel()))
+                total += 0.5 * l2 * sq + 0.5 * alpha * sq / n
             if l1:
                 total += l1 * float(np.abs(W).sum())
         return total
 
     # ------------------------------------------------------------------ training
     def fit(self, X: np.ndarray, y: np.ndarray, **kwargs: Any) -> History:
-        """Train with minibatch SGD; see :func:`fastmlp.training.fit` for the parameters."""
+        """Train with minibatch gradient descent; see :func:`fastmlp.training.fit` for the parameters."""
         from fastmlp.training import fit
 
         return fit(self, X, y, **kwargs)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the network to one ``.npz`` file, atomically.
+        """Write the network (and its optimizer state) to one ``.npz`` file, atomically.
 
-        The file holds the configuration (JSON), a format version and every
-        weight and bias; it is written to a temporary file in the same
-        directory, flushed to disk and renamed over ``path``, so a crash never
-        leaves a half-written model.
+        The file holds the configuration (JSON), a format version, every weight
+        and bias and the optimizer's arrays; it is written to a temporary file in
+        the same directory, flushed to disk and renamed over ``path``, so a crash
+        never leaves a half-written model.  ``.npz`` is appended when missing.
 
         Returns
         -------
         pathlib.Path
-            The path written (``.npz`` appended when missing).
+            The path written.
+
+        Raises
+        ------
+        ValueError
+            When the parameters are not what :meth:`load` accepts (non-finite,
+            wrong shapes), or the directory does not exist or is not writable.
         """
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")
+        path = _npz_path(path)
+        check_output_path(path, "model")
+        self.check_parameters()
+        state = self.optimizer_state_
         meta = {"format": "fastmlp", "format_version": FORMAT_VERSION, "config": self.config(),
-                "predict_keep": self.predict_keep, "step": self.step_,
-                "dropout": self.dropout_, "input_dropout": self.input_dropout_}  # fmt: skip
+                "predict_keep": self.predict_keep, "step": self.step_, "epochs": self.epochs_,
+                "dropout": self.dropout_, "input_dropout": self.input_dropout_,
+                "optimizer": None if state is None else {"kind": state.kind, "t": state.t}}  # fmt: skip
         arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
         for i, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             arrays[f"W{i}"] = W
             arrays[f"b{i}"] = b
+        if state is not None:
+            for s in range(len(state.weights)):
+                for i, (W, b) in enumerate(zip(state.weights[s], state.biases[s], strict=True)):
+                    arrays[f"sW{s}_{i}"], arrays[f"sb{s}_{i}"] = W, b
         atomic_write(path, lambda fh: np.savez(fh, **arrays))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> Network:
-        """Read a network written by :meth:`save`.
+        """Read a network written by :meth:`save` (``.npz`` is appended when ``path`` has no such file).
 
         Raises
         ------
         FileNotFoundError
-            When ``path`` does not exist.
+            When neither ``path`` nor ``path.npz`` exists.
         ValueError
-            For a truncated, corrupted or foreign file, or a newer format version.
+            For anything else wrong with the file (not a regular file, truncated, corrupted,
+            foreign, inconsistent, a newer format version), naming the path.
         """
-        path = Path(path)
-        if not path.exists():
+        path = Path(os.fspath(path))
+        if not os.path.lexists(path) and path.suffix != ".npz" and os.path.lexists(_npz_path(path)):
+            path = _npz_path(path)
+        if not os.path.lexists(path):
             raise FileNotFoundError(f"no model file at {path}")
+        # a model is its parameters (at most MAX_LOAD_PARAMS of 8 bytes, twice over for optimizer state) plus JSON
+        limit = 3 * 8 * MAX_LOAD_PARAMS + (1 << 20)
+        arrays = read_npz(path, lambda n: bool(_MODEL_MEMBER.match(n)), limit, "fastmlp model file", required=("meta",))
         try:
-            data = path.read_bytes()
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        # a damaged zip can surface as any of these (unknown compression method, 'encrypted' flag, bad deflate data)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError,
-                zlib.error, lzma.LZMAError) as exc:  # fmt: skip
-            raise ValueError(f"{path} is not a readable fastmlp model file (truncated or corrupted?): {exc}") from exc
-        if "meta" not in arrays:
-            raise ValueError(f"{path} is not a fastmlp model file (no metadata)")
-        try:
-            meta = json.loads(str(arrays["meta"]))
-            fmt, version, cfg = meta["format"], int(meta["format_version"]), meta["config"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path} has corrupted fastmlp metadata: {exc}") from exc
-        if fmt != "fastmlp":
-            raise ValueError(f"{path} is not a fastmlp model file (format {fmt!r})")
+            return cls._from_arrays(arrays, backend)
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError, IndexError, AttributeError) as exc:
+            raise ValueError(f"{path} is not a usable fastmlp model file: {exc}") from None
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict[str, np.ndarray], backend: str | Backend) -> Network:
+        meta_raw = arrays.pop("meta")
+        if meta_raw.dtype.kind != "U" or meta_raw.ndim != 0:
+            raise ValueError("its metadata is not a JSON string")
+        meta = json.loads(str(meta_raw), parse_constant=_no_constant)
+        if not isinstance(meta, dict) or meta.get("format") != "fastmlp":
+            raise ValueError("it is not a fastmlp model file")
+        version = meta.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"format_version must be an integer, got {version!r}")
         if version > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer fastmlp (format version {version} > {FORMAT_VERSION}); upgrade fastmlp"
-            )
-        try:
-            net = cls(cfg["layers"], activation=cfg["activation"], output=cfg["output"], loss=cfg["loss"],
-                      dtype=cfg["dtype"], backend=backend, seed=cfg.get("seed"))  # fmt: skip
-            n = len(net.weights)
-            net.set_params([arrays[f"W{i}"] for i in range(n)], [arrays[f"b{i}"] for i in range(n)])
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path} is missing parameters or has a bad configuration: {exc}") from exc
-        net.predict_keep = meta.get("predict_keep")
-        net.step_ = int(meta.get("step", 0))
+            raise ValueError(f"it was written by a newer fastmlp (format version {version} > {FORMAT_VERSION}); "
+                             "upgrade fastmlp")  # fmt: skip
+        cfg = meta["config"]
+        if not isinstance(cfg, dict):
+            raise ValueError("its configuration is not a mapping")
+        layers = V.check_layers(cfg["layers"])
+        pairs = list(zip(layers[:-1], layers[1:], strict=True))
+        if sum(i * o + o for i, o in pairs) > MAX_LOAD_PARAMS:
+            raise ValueError(f"layers={layers} is larger than any network fastmlp loads")
+        net = cls.__new__(cls)
+        net._configure(layers, cfg["activation"], cfg["output"], cfg["loss"], cfg["dtype"], backend, cfg.get("seed"),
+                       cfg.get("init", "normal"))  # fmt: skip
+        L = len(pairs)
+        expected = {f"W{i}": (o, n) for i, (n, o) in enumerate(pairs)} | {f"b{i}": (o,) for i, (_, o) in enumerate(pairs)}
+        for name, shape in expected.items():
+            if name not in arrays:
+                raise ValueError(f"the parameter {name} is missing")
+            if arrays[name].shape != shape:
+                raise ValueError(f"{name} has shape {arrays[name].shape}, the configuration says {shape}")
+        net.weights = [np.empty((o, n), dtype=net.dtype) for n, o in pairs]
+        net.biases = [np.empty(o, dtype=net.dtype) for _, o in pairs]
+        net.set_params([arrays[f"W{i}"] for i in range(L)], [arrays[f"b{i}"] for i in range(L)])
+        keep = meta.get("predict_keep")
+        if keep is not None:
+            keep = [V.check_float(k, "predict_keep", low=0.0, high=1.0, low_open=True) for k in keep]
+            if len(keep) != L:
+                raise ValueError(f"predict_keep has {len(keep)} entries for {L} layers")
+        net.predict_keep = keep
+        net.step_ = V.check_int(meta.get("step", 0), "step", minimum=0, maximum=2**62)
+        net.epochs_ = V.check_int(meta.get("epochs", 0), "epochs", minimum=0, maximum=2**62)
         for key in ("dropout", "input_dropout"):
             rate = meta.get(key)
-            setattr(net, f"{key}_", None if rate is None else float(rate))
+            setattr(net, f"{key}_", None if rate is None else V.check_float(rate, key, low=0.0, high=1.0, high_open=True))
+        opt = meta.get("optimizer")
+        if opt is not None:
+            kind = opt["kind"]
+            if kind not in OPTIMIZER_SLOTS:
+                raise ValueError(f"unknown optimizer state {kind!r}")
+            state = OptimizerState.zeros(kind, layers, net.dtype)
+            state.t = V.check_int(opt["t"], "optimizer step count", minimum=0, maximum=2**62)
+            for s in range(len(state.weights)):
+                for i in range(L):
+                    for arr, name in ((state.weights[s][i], f"sW{s}_{i}"), (state.biases[s][i], f"sb{s}_{i}")):
+                        src = arrays[name]
+                        if src.shape != arr.shape or src.dtype.kind != "f" or not V.all_finite(src):
+                            raise ValueError(f"the optimizer state {name} is damaged")
+                        arr[...] = src
+            net.optimizer_state_ = state
         return net
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"its metadata holds {name}, which fastmlp never writes")
+
+
+def _npz_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(os.fspath(path))
+    return p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
+
+
+def _rs_seed(seed: int | None) -> int | None:
+    """A seed for ``RandomState``, which takes 32 bits: larger seeds are folded (documented range: 64-bit)."""
+    if seed is None or seed < 2**32:
+        return seed
+    return (seed ^ (seed >> 32)) & 0xFFFFFFFF
+
+
+def accuracy(Y: np.ndarray, A: np.ndarray, sw: np.ndarray | None = None, multilabel: bool = False) -> float:
+    """Accuracy of outputs ``A (n, k)`` on labels ``(n,)`` or dense targets ``(n, k)``, weighted by ``sw``.
+
+    ``multilabel`` (sigmoid units, indicator targets): every unit on the right
+    side of 0.5 (subset accuracy).  Otherwise one output unit: ``a > 0.5``
+    against the 0/1 target; several: arg-max agreement.
+    """
+    if multilabel:
+        hit = ((A > 0.5) == (Y > 0.5)).all(axis=1)
+    elif A.shape[1] == 1:
+        truth = Y == 1 if Y.ndim == 1 else Y[:, 0] > 0.5
+        hit = (A[:, 0] > 0.5) == truth
+    else:
+        truth = Y if Y.ndim == 1 else np.argmax(Y, axis=1)
+        hit = np.argmax(A, axis=1) == truth
+    if sw is None:
+        return float(np.count_nonzero(hit)) / hit.shape[0]
+    return float(np.dot(sw, hit) / np.sum(sw))
+
+
+def r2(T: np.ndarray, P: np.ndarray, sw: np.ndarray | None = None) -> float:
+    """R² of predictions ``P`` against targets ``T`` (both ``(n, k)``), averaged over the outputs.
+
+    scikit-learn's ``r2_score`` with ``multioutput='uniform_average'``: an output
+    whose targets are constant scores 1 when predicted exactly, else 0.
+    """
+    t = T.astype(np.float64)
+    p = P.astype(np.float64)
+    w = np.ones(t.shape[0]) if sw is None else sw
+    num = (w[:, None] * (t - p) ** 2).sum(axis=0)
+    mean = np.average(t, axis=0, weights=w)
+    den = (w[:, None] * (t - mean) ** 2).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = np.where(den != 0, 1.0 - num / np.where(den != 0, den, 1.0), np.where(num == 0, 1.0, 0.0))
+    return float(np.mean(scores))

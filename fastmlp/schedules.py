@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastmlp import _validation as V
+from fastmlp.callbacks import Plateau
 
 if TYPE_CHECKING:
-    from fastmlp.training import History
+    from fastmlp.history import History
 
 __all__ = [
     "Constant",
@@ -105,6 +106,13 @@ class Schedule:
 
     def step_epoch(self, history: History) -> None:
         """Called by ``fit`` after each epoch (closed-form schedules do nothing)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (closed-form schedules have no state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
     def _params(self) -> str:
         return ""
@@ -338,17 +346,19 @@ class ReduceLROnPlateau:
     def reset(self) -> None:
         """Back to the initial rate and an empty record."""
         self.current_lr: float = self.lr
-        self.best: float = math.inf if self.mode == "min" else -math.inf
-        self.num_bad_epochs = 0
+        self._rule = Plateau(self.mode, self.threshold, self.patience, relative=self.threshold_mode == "rel")
         self.cooldown_counter = 0
         self.reductions: list[int] = []
 
-    def _is_better(self, value: float) -> bool:
-        if self.mode == "min":
-            ref = self.best * (1.0 - self.threshold) if self.threshold_mode == "rel" else self.best - self.threshold
-            return value < ref
-        ref = self.best * (1.0 + self.threshold) if self.threshold_mode == "rel" else self.best + self.threshold
-        return value > ref
+    @property
+    def best(self) -> float:
+        """The best value of the monitored metric so far."""
+        return self._rule.best
+
+    @property
+    def num_bad_epochs(self) -> int:
+        """Epochs in a row without improvement (PyTorch's ``num_bad_epochs``)."""
+        return self._rule.bad
 
     def epoch_lrs(self, epoch: int, n_steps: int) -> np.ndarray:
         """The current rate for each of the ``n_steps`` steps of ``epoch``: ``(n_steps,)`` float64."""
@@ -366,22 +376,28 @@ class ReduceLROnPlateau:
         values: Any = getattr(history, self.monitor)
         if values is None:
             raise ValueError(f"ReduceLROnPlateau(monitor={self.monitor!r}): the history has no {self.monitor}")
-        value = float(values[-1])
-        if self._is_better(value):
-            self.best = value
-            self.num_bad_epochs = 0
-        else:
-            self.num_bad_epochs += 1
+        self._rule.update(float(values[-1]))
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
-            self.num_bad_epochs = 0
-        if self.num_bad_epochs > self.patience:
+            self._rule.bad = 0
+        if self._rule.exhausted:
             new = max(self.current_lr * self.factor, self.min_lr)
             if self.current_lr - new > self.eps:
                 self.current_lr = new
                 self.reductions.append(int(history.epoch[-1]))
             self.cooldown_counter = self.cooldown
-            self.num_bad_epochs = 0
+            self._rule.bad = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the rate, the rule's count and best, the cooldown, the reductions."""
+        return {"current_lr": self.current_lr, "rule": self._rule.state_dict(), "cooldown_counter": self.cooldown_counter,
+                "reductions": list(self.reductions)}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.current_lr = float(state["current_lr"])
+        self._rule.load_state_dict(state["rule"])
+        self.cooldown_counter = int(state["cooldown_counter"])
+        self.reductions = [int(e) for e in state["reductions"]]
 
     def __repr__(self) -> str:
         return (

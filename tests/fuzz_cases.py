@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import fastmlp
 from fastmlp import compat
-from fastmlp.backends._contract import ACT_CODES, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, VALID_OUTPUT_LOSS
+from fastmlp.backends.contract import ACT_CODES, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, VALID_OUTPUT_LOSS
 from fastmlp.network import Network
 
 BACKENDS = fastmlp.available_backends()

@@ -26,13 +26,13 @@ from conftest import subprocess_env
 import fastmlp
 from fastmlp import get_backend
 from fastmlp.backends import backend_errors
-from fastmlp.backends._contract import HIDDEN_ACTIVATIONS, KEEP_BITS, VALID_OUTPUT_LOSS, keep_threshold, mask_bits
-from fastmlp.backends._threads import ThreadChoice
+from fastmlp.backends.contract import HIDDEN_ACTIVATIONS, KEEP_BITS, VALID_OUTPUT_LOSS, keep_threshold, mask_bits
+from fastmlp._threads import ThreadChoice
 
 COMPILED = [name for name in fastmlp.available_backends() if name != "numpy"]
 REF = get_backend("numpy")
 DTYPES = ("float32", "float64")
-ALL_ACTS = ("identity", "sigmoid", "tanh", "relu", "softmax")
+ALL_ACTS = ("identity", "sigmoid", "tanh", "relu", "softmax", "exp")
 PAIRS = sorted(VALID_OUTPUT_LOSS)
 
 #: single kernels: element-wise agreement with the reference
@@ -138,9 +138,13 @@ def test_forward_out_buffer_and_layouts(be, dtype):
 def test_output_delta(be, dtype, pair, nk):
     output, loss = pair
     n, k = nk
+    if output == "softmax" and k < 2:
+        pytest.skip("softmax needs two units")
     rng = _rng("od", dtype, pair, nk)
     A = _activations(rng, dtype, n, k, output)
-    y = rng.integers(0, k, size=n)
+    if output == "exp":
+        A = np.exp(rng.normal(size=(n, k))).astype(dtype)
+    y = rng.integers(0, max(k, 2), size=n)
     if n > 3:
         y[3] = 0
     d_want, l_want, c_want = REF.output_delta(A, y, output, loss)
@@ -149,6 +153,35 @@ def test_output_delta(be, dtype, pair, nk):
     np.testing.assert_allclose(l_got, l_want, rtol=LOSS_RTOL[dtype])
     assert c_got == c_want
     assert isinstance(l_got, float) and isinstance(c_got, int)
+
+
+@pytest.mark.parametrize("nk", [(1, 1), (1, 3), (7, 3), (100, 10), (33, 17)], ids=str)
+@pytest.mark.parametrize("pair", PAIRS, ids="-".join)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_delta_dense_targets(be, dtype, pair, nk):
+    """Dense targets: regression values, multi-label indicators, soft labels, counts."""
+    output, loss = pair
+    n, k = nk
+    if output == "softmax" and k < 2:
+        pytest.skip("softmax needs two units")
+    rng = _rng("od-dense", dtype, pair, nk)
+    A = _activations(rng, dtype, n, k, output)
+    if output == "exp":
+        A = np.exp(rng.normal(size=(n, k))).astype(dtype)
+    if output == "softmax":
+        Y = rng.uniform(0.05, 1, size=(n, k))
+        Y = (Y / Y.sum(1, keepdims=True)).astype(dtype)
+    elif output == "sigmoid":
+        Y = (rng.uniform(size=(n, k)) < 0.5).astype(dtype)
+    elif loss == "poisson":
+        Y = rng.poisson(2.0, size=(n, k)).astype(dtype)
+    else:
+        Y = rng.normal(size=(n, k)).astype(dtype)
+    d_want, l_want, c_want = REF.output_delta(A, Y, output, loss)
+    d_got, l_got, c_got = be.output_delta(A, Y, output, loss)
+    _assert_close(d_got, d_want, dtype)
+    np.testing.assert_allclose(l_got, l_want, rtol=LOSS_RTOL[dtype])
+    assert c_got == c_want
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -315,44 +348,96 @@ EPOCHS = {
         sizes=[30, 20, 17, 10], n=203, batch=32, hidden="tanh", output="softmax", loss="ce", keep=[1.0, 0.9, 0.6], l2=1e-4
     ),
     "3-hidden-relu-identity-mse": dict(
-        sizes=[25, 19, 13, 9, 3],
-        n=150,
-        batch=10,
-        hidden="relu",
-        output="identity",
-        loss="mse",
-        keep=[0.9, 1.0, 0.75, 0.8],
-        l1=1e-4,
-        lr=0.02,
+        sizes=[25, 19, 13, 9, 3], n=150, batch=10, hidden="relu", output="identity", loss="mse",
+        keep=[0.9, 1.0, 0.75, 0.8], l1=1e-4, lr=0.02,
     ),
     "4-hidden-sigmoid-ce": dict(
-        sizes=[11, 9, 8, 7, 6, 5],
-        n=77,
-        batch=16,
-        output="sigmoid",
-        loss="ce",
-        keep=[0.8, 0.7, 0.6, 0.5, 0.9],
-        l2=1e-3,
-        l1=1e-3,
-        lrs="varying",
+        sizes=[11, 9, 8, 7, 6, 5], n=77, batch=16, output="sigmoid", loss="ce", keep=[0.8, 0.7, 0.6, 0.5, 0.9],
+        l2=1e-3, l1=1e-3, lrs="varying",
     ),
     "softmax-mse-batch1": dict(sizes=[6, 5, 4], n=23, batch=1, output="softmax", loss="mse", keep=[0.5, 0.5]),
     "batch-bigger-than-data": dict(sizes=[10, 8, 3], n=40, batch=64, keep=[1.0, 0.5], inverted=False),
     "decay-clamped": dict(sizes=[8, 6, 3], n=40, batch=7, l2=20.0, lr=0.1),
     "wide-hidden": dict(sizes=[784, 256, 256, 10], n=230, batch=100, keep=[0.9, 0.5, 0.5], l2=1e-4),
+    # ---- targets
+    "binary-one-unit-ce": dict(sizes=[12, 7, 1], n=91, batch=16, output="sigmoid", loss="ce", alpha=1e-3),
+    "binary-one-unit-mse": dict(sizes=[12, 7, 1], n=40, batch=9, output="sigmoid", loss="mse"),
+    "regression-squared-error": dict(sizes=[9, 8, 1], n=77, batch=10, hidden="relu", output="identity",
+                                     loss="squared_error", target="dense", lr=0.01),
+    "multi-output-regression": dict(sizes=[9, 11, 3], n=64, batch=13, hidden="tanh", output="identity",
+                                    loss="squared_error", target="dense", lr=0.01, alpha=1e-2, weights=True),
+    "poisson": dict(sizes=[7, 6, 2], n=50, batch=8, hidden="relu", output="exp", loss="poisson", target="dense",
+                    lr=0.01, keep=[0.9, 0.8]),
+    "multilabel-ce": dict(sizes=[15, 10, 4], n=70, batch=11, output="sigmoid", loss="ce", target="dense"),
+    "soft-labels-softmax-ce": dict(sizes=[15, 10, 4], n=70, batch=11, output="softmax", loss="ce", target="soft"),
+    "dense-identity-mse": dict(sizes=[10, 6, 3], n=33, batch=5, output="identity", loss="mse", target="dense"),
+    # ---- penalties and weights
+    "alpha-and-weights": dict(sizes=[20, 12, 5], n=97, batch=20, output="softmax", loss="ce", alpha=1e-2,
+                              weights=True, keep=[0.9, 0.7]),
+    "alpha-l1-l2": dict(sizes=[20, 12, 5], n=97, batch=20, alpha=1e-3, l2=1e-3, l1=1e-4),
+    # ---- optimizers
+    "momentum": dict(sizes=[30, 16, 4], n=120, batch=16, opt="momentum", mu=0.9, lrs="varying"),
+    "nesterov-alpha": dict(sizes=[30, 16, 4], n=120, batch=16, output="softmax", loss="ce", opt="nesterov", mu=0.9,
+                           alpha=1e-4, weights=True),
+    "adam": dict(sizes=[30, 16, 4], n=120, batch=16, output="softmax", loss="ce", opt="adam", lr=1e-3, t0=3),
+    "adam-torch-eps-l1": dict(sizes=[30, 16, 8, 4], n=120, batch=16, hidden="relu", opt="adam", eps_mode="torch",
+                              lr=1e-3, l1=1e-4, keep=[0.9, 0.8, 1.0]),
+    "adamw": dict(sizes=[784, 50, 10], n=300, batch=100, output="softmax", loss="ce", opt="adamw", lr=1e-3, l2=1e-2,
+                  t0=100),
+    "gradient-full-batch": dict(sizes=[20, 12, 3], n=60, batch=60, hidden="tanh", output="softmax", loss="ce",
+                                opt="gradient", alpha=1e-3, weights=True),
 }
 
 
-def _run_epoch(backend, cfg, dtype, weights, biases, X, y, order):
-    n_steps = -(-len(order) // cfg.get("batch", 100))
+def _plan(cfg, dtype, n_rows):
+    from fastmlp.backends.contract import plan_epoch
+
+    opt = cfg.get("opt", "sgd")
+    extra = {}
+    if opt in ("momentum", "nesterov"):
+        extra = dict(momentum=cfg.get("mu", 0.9))
+    elif opt in ("adam", "adamw"):
+        extra = dict(beta1=0.9, beta2=0.999, eps=1e-8, eps_mode="torch" if opt == "adamw" else cfg.get("eps_mode", "sklearn"))
+    target = "labels" if cfg.get("target", "labels") == "labels" else "dense"
+    return plan_epoch(cfg["sizes"], dtype, batch_size=cfg.get("batch", 100), hidden=cfg.get("hidden", "sigmoid"),
+                      output=cfg.get("output", "sigmoid"), loss=cfg.get("loss", "mse"), target=target,
+                      l2=cfg.get("l2", 0.0), l1=cfg.get("l1", 0.0), alpha=cfg.get("alpha", 0.0), keep=cfg.get("keep"),
+                      inverted=cfg.get("inverted", True), optimizer=opt, seed=cfg.get("seed", 3), **extra)  # fmt: skip
+
+
+def _state(plan, rng):
+    from fastmlp.backends.contract import OptimizerState
+
+    state = OptimizerState.zeros(plan.optimizer, plan.sizes, plan.dtype)
+    for a in state.arrays():  # a state mid-run: velocities of both signs, positive second moments
+        a[...] = rng.normal(size=a.shape) * 1e-2
+    if plan.optimizer in ("adam", "adamw"):
+        for v in (*state.weights[1], *state.biases[1]):
+            np.abs(v, out=v)
+    return state
+
+
+def _targets(rng, cfg, dtype, n_rows):
+    k = cfg["sizes"][-1]
+    target = cfg.get("target", "labels")
+    if target == "labels":
+        return rng.integers(0, max(k, 2), size=n_rows)
+    if target == "soft":
+        p = rng.uniform(0.05, 1, size=(n_rows, k))
+        return (p / p.sum(1, keepdims=True)).astype(dtype)
+    if cfg.get("loss") == "ce":  # multi-label indicators
+        return (rng.uniform(size=(n_rows, k)) < 0.4).astype(dtype)
+    if cfg.get("loss") == "poisson":
+        return rng.poisson(2.0, size=(n_rows, k)).astype(dtype)
+    return rng.normal(size=(n_rows, k)).astype(dtype)
+
+
+def _run_epoch(backend, cfg, dtype, weights, biases, X, Y, order, state, sw):
+    plan = _plan(cfg, dtype, X.shape[0])
+    n_steps = plan.n_steps(len(order))
     lr = cfg.get("lr", 0.1)
     lrs = np.linspace(lr, lr / 3, n_steps) if cfg.get("lrs") == "varying" else lr
-    return backend.train_epoch(
-        X, y, order, weights, biases, lrs, hidden_act=cfg.get("hidden", "sigmoid"),
-        output_act=cfg.get("output", "sigmoid"), loss=cfg.get("loss", "mse"), batch_size=cfg.get("batch", 100),
-        l2=cfg.get("l2", 0.0), l1=cfg.get("l1", 0.0), keep=cfg.get("keep"), inverted=cfg.get("inverted", True),
-        seed=cfg.get("seed", 3), step0=cfg.get("step0", 0),
-    )  # fmt: skip
+    return backend.train_epoch(X, Y, order, (weights, biases), state, lrs, plan, cfg.get("step0", 0), sample_weight=sw)
 
 
 def _epoch_case(name, dtype):
@@ -362,25 +447,37 @@ def _epoch_case(name, dtype):
     weights, biases = _network(rng, sizes, dtype)
     n_rows = cfg["n"] + 5
     X = rng.uniform(-1, 1, size=(n_rows, sizes[0])).astype(dtype)
-    y = rng.integers(0, sizes[-1], size=n_rows)
+    Y = _targets(rng, cfg, dtype, n_rows)
     order = rng.permutation(n_rows)[: cfg["n"]]  # leaves rows out, visits the rest shuffled
-    return cfg, weights, biases, X, y, order
+    plan = _plan(cfg, dtype, n_rows)
+    state = _state(plan, rng)
+    state.t = cfg.get("t0", 0)
+    sw = rng.uniform(0.1, 3.0, size=n_rows) if cfg.get("weights") else None
+    return cfg, weights, biases, X, Y, order, state, sw
 
 
 def _check_epoch(backend, name, dtype):
-    cfg, weights, biases, X, y, order = _epoch_case(name, dtype)
-    W_ref, b_ref = [w.copy() for w in weights], [b.copy() for b in biases]
-    loss_ref, correct_ref = _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, y, order)
-    X0, y0, order0 = X.copy(), y.copy(), order.copy()
-    loss, correct = _run_epoch(backend, cfg, dtype, weights, biases, X, y, order)
+    cfg, weights, biases, X, Y, order, state, sw = _epoch_case(name, dtype)
+    W_ref, b_ref, state_ref = [w.copy() for w in weights], [b.copy() for b in biases], state.copy()
+    ref = _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, Y, order, state_ref, sw)
+    X0, Y0, order0 = X.copy(), Y.copy(), order.copy()
+    got = _run_epoch(backend, cfg, dtype, weights, biases, X, Y, order, state, sw)
     for i, (w, wr, b, br) in enumerate(zip(weights, W_ref, biases, b_ref)):
-        assert np.abs(w - wr).max() <= EPOCH_TOL[dtype], f"W[{i}] differs by {np.abs(w - wr).max():.3g}"
-        assert np.abs(b - br).max() <= EPOCH_TOL[dtype], f"b[{i}] differs by {np.abs(b - br).max():.3g}"
+        assert np.abs(w - wr).max() <= EPOCH_TOL[dtype] * max(1.0, np.abs(wr).max()), \
+            f"W[{i}] differs by {np.abs(w - wr).max():.3g}"  # fmt: skip
+        assert np.abs(b - br).max() <= EPOCH_TOL[dtype] * max(1.0, np.abs(br).max()), \
+            f"b[{i}] differs by {np.abs(b - br).max():.3g}"  # fmt: skip
         assert np.abs(wr).max() > 0  # the comparison is not vacuous
-    np.testing.assert_allclose(loss, loss_ref, rtol=LOSS_RTOL[dtype])
-    assert correct == correct_ref
+    assert state.t == state_ref.t
+    for i, (a, ar) in enumerate(zip(state.arrays(), state_ref.arrays())):
+        assert np.abs(a - ar).max() <= EPOCH_TOL[dtype] * max(1.0, np.abs(ar).max()), f"state array {i} differs"
+    np.testing.assert_allclose(got.loss_sum, ref.loss_sum, rtol=LOSS_RTOL[dtype])
+    np.testing.assert_allclose(got.penalty_sum, ref.penalty_sum, rtol=LOSS_RTOL[dtype])
+    assert got.n_correct == ref.n_correct
+    if cfg.get("alpha"):
+        assert ref.penalty_sum > 0
     np.testing.assert_array_equal(X, X0)
-    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(Y, Y0)
     np.testing.assert_array_equal(order, order0)
 
 
@@ -392,15 +489,15 @@ def test_train_epoch_matches_reference(be, dtype, name):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_train_epoch_readonly_and_strided_inputs(be, dtype):
-    cfg, weights, biases, X, y, order = _epoch_case("2-hidden-tanh-softmax-ce", dtype)
+    cfg, weights, biases, X, y, order, state, sw = _epoch_case("2-hidden-tanh-softmax-ce", dtype)
     W_ref, b_ref = [w.copy() for w in weights], [b.copy() for b in biases]
-    _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, y, order)
+    _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, y, order, state.copy(), sw)
     X_ro = X.copy()
     X_ro.flags.writeable = False
     y_strided = np.repeat(y, 2)[::2].astype(np.int32)
     order_ro = order.copy()
     order_ro.flags.writeable = False
-    _run_epoch(be, cfg, dtype, weights, biases, X_ro, y_strided, order_ro)
+    _run_epoch(be, cfg, dtype, weights, biases, X_ro, y_strided, order_ro, state, sw)
     for w, wr in zip(weights + biases, W_ref + b_ref):
         assert np.abs(w - wr).max() <= EPOCH_TOL[dtype]
 
@@ -408,13 +505,27 @@ def test_train_epoch_readonly_and_strided_inputs(be, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_train_epoch_consecutive_epochs_continue_step_numbering(be, dtype):
     """Two epochs with ``step0`` carried over equal the reference's two epochs (dropout masks included)."""
-    cfg, weights, biases, X, y, order = _epoch_case("784-50-10-all", dtype)
+    cfg, weights, biases, X, y, order, state, sw = _epoch_case("784-50-10-all", dtype)
     W_ref, b_ref = [w.copy() for w in weights], [b.copy() for b in biases]
     for backend, W, b in ((REF, W_ref, b_ref), (be, weights, biases)):
         for epoch in range(2):
-            _run_epoch(backend, dict(cfg, step0=epoch * 11), dtype, W, b, X, y, order[::-1] if epoch else order)
+            _run_epoch(backend, dict(cfg, step0=epoch * 11), dtype, W, b, X, y, order[::-1] if epoch else order,
+                       state.copy(), sw)  # fmt: skip
     for w, wr in zip(weights + biases, W_ref + b_ref):
         assert np.abs(w - wr).max() <= EPOCH_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_epochs_continue_the_step_count(be, dtype):
+    """Two Adam epochs in a row (t carried in the state) equal the reference's; t counts the steps."""
+    cfg, weights, biases, X, y, order, state, sw = _epoch_case("adam", dtype)
+    W_ref, b_ref, s_ref = [w.copy() for w in weights], [b.copy() for b in biases], state.copy()
+    for _ in range(2):
+        _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, y, order, s_ref, sw)
+        _run_epoch(be, cfg, dtype, weights, biases, X, y, order, state, sw)
+    assert state.t == s_ref.t == cfg.get("t0", 0) + 2 * -(-len(order) // cfg["batch"])
+    for w, wr in zip(weights + biases + state.arrays(), W_ref + b_ref + s_ref.arrays()):
+        assert np.abs(w - wr).max() <= EPOCH_TOL[dtype] * max(1.0, np.abs(wr).max())
 
 
 # ------------------------------------------------------------------ process-wide side effects and availability

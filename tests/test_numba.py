@@ -22,16 +22,16 @@ from conftest import subprocess_env
 
 import fastmlp
 from fastmlp import get_backend
-from fastmlp.backends._contract import ACT_CODES, KEEP_BITS, LOSS_CODES, VALID_OUTPUT_LOSS, keep_threshold, mask_bits
+from fastmlp.backends.contract import ACT_CODES, KEEP_BITS, LOSS_CODES, VALID_OUTPUT_LOSS, keep_threshold, mask_bits
 
 pytest.importorskip("numba", reason="the numba backend needs the numba package")
 if "numba" not in fastmlp.available_backends():  # pragma: no cover - numba importable but backend broken
     pytest.skip(f"numba backend unavailable: {fastmlp.backends.backend_errors().get('numba')}", allow_module_level=True)
 
 from fastmlp import config
-from fastmlp._numba import kernels as K
+from fastmlp.backends.numba import kernels as K
 from fastmlp.backends import numba as NB
-from fastmlp.backends._threads import ThreadChoice
+from fastmlp._threads import ThreadChoice
 
 REF = get_backend("numpy")
 NBE = get_backend("numba")
@@ -322,7 +322,7 @@ def test_import_compiles_nothing():
         import json, sys, fastmlp
         fastmlp.available_backends()
         import fastmlp.backends.numba as nb
-        print(json.dumps({"kernels_imported": "fastmlp._numba.kernels" in sys.modules, "loaded": nb._kernels is not None}))
+        print(json.dumps({"kernels_imported": "fastmlp.backends.numba.kernels" in sys.modules, "loaded": nb._kernels is not None}))
         """,
         {},
     )
@@ -333,7 +333,7 @@ def test_second_process_loads_kernels_from_disk_cache(tmp_path):
     """A fresh process reuses what the first compiled: cache hits, no misses, index files on disk."""
     code = """
         import json, numpy as np, fastmlp
-        from fastmlp._numba import kernels as K
+        from fastmlp.backends.numba import kernels as K
         be = fastmlp.get_backend("numba")
         rng = np.random.default_rng(0)
         W = [rng.normal(size=(4, 6)), rng.normal(size=(3, 4))]
@@ -425,7 +425,7 @@ def test_env_flags_reach_a_fresh_process(tmp_path):
         """
         import json, numpy as np, fastmlp
         from fastmlp import config
-        from fastmlp._numba import kernels as K
+        from fastmlp.backends.numba import kernels as K
         ref, be = fastmlp.get_backend("numpy"), fastmlp.get_backend("numba")
         rng = np.random.default_rng(1)
         W = [rng.normal(size=(5, 7)), rng.normal(size=(3, 5))]

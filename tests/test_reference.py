@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastmlp import get_backend
-from fastmlp.backends import _contract as C
+from fastmlp.backends import contract as C
 
 ref = get_backend("numpy")
 

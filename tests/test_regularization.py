@@ -7,7 +7,7 @@ from conftest import ALL_BACKENDS
 import fastmlp
 from fastmlp import Callback, EarlyStopping, MCPrediction, Network, get_backend
 from fastmlp import mc_dropout as mc
-from fastmlp.backends import _contract as C
+from fastmlp.backends import contract as C
 
 
 def _blobs(rng, n=120, n_features=6, n_classes=3):

@@ -86,7 +86,7 @@ def _kernel_calls(backend: str):
     y = rng.integers(0, 10, 40000)
     Ws = [rng.normal(0, 0.1, (128, 256)).astype(np.float32), rng.normal(0, 0.1, (10, 128)).astype(np.float32)]
     bs = [np.zeros(128, np.float32), np.zeros(10, np.float32)]
-    sig = fastmlp.backends._contract.ACT_CODES["sigmoid"]
+    sig = fastmlp.backends.contract.ACT_CODES["sigmoid"]
     order = np.arange(40000)
     out = np.empty((40000, 10), np.float32)
     raw = be.raw

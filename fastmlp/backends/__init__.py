@@ -23,12 +23,32 @@ from types import ModuleType
 import numpy as np
 
 from fastmlp import _validation as V
-from fastmlp.backends._contract import ACT_CODES, KEEP_BITS, LOSS_CODES, keep_threshold
+from fastmlp.backends.contract import (
+    ACT_CODES,
+    LOSS_CODES,
+    EpochPlan,
+    EpochStats,
+    OptimizerState,
+    Params,
+    keep_threshold,
+    plan_epoch,
+)
 
 #: dropout counters (seed aside) are hashed as 64-bit integers; the Numba kernels take them as int64
 _MAX_COUNTER = 2**63 - 1
 
-__all__ = ["Backend", "available_backends", "backend_errors", "get_backend"]
+__all__ = [
+    "Backend",
+    "EpochPlan",
+    "EpochStats",
+    "OptimizerState",
+    "Params",
+    "PreparedEpochs",
+    "available_backends",
+    "backend_errors",
+    "get_backend",
+    "plan_epoch",
+]
 
 logger = logging.getLogger("fastmlp")
 
@@ -95,18 +115,19 @@ class Backend:
         return out
 
     def output_delta(
-        self, A: np.ndarray, y: np.ndarray, output: str, loss: str, out: np.ndarray | None = None
+        self, A: np.ndarray, Y: np.ndarray, output: str, loss: str, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, float, int]:
-        """Output-layer delta from integer labels.
+        """Output-layer delta, unweighted (``c_i = 1/n``), from integer labels or a dense target matrix.
 
         Parameters
         ----------
         A : ndarray (n_samples, n_classes)
             Output activations.
-        y : array of int (n_samples,)
-            Class indices.
-        output : {'sigmoid', 'softmax', 'identity'}
-        loss : {'mse', 'ce'}
+        Y : ndarray
+            Class indices ``(n_samples,)`` (0/1 for one unit), or dense targets ``(n_samples, n_classes)``
+            of ``A``'s dtype.
+        output : {'sigmoid', 'softmax', 'identity', 'exp'}
+        loss : {'mse', 'ce', 'squared_error', 'poisson'}
         out : ndarray (n_samples, n_classes), optional
 
         Returns
@@ -120,12 +141,15 @@ class Backend:
         A = V.as_kernel_array(A, "A", dt, 2)
         V.check_activation(output, "output", output=True)
         V.check_output_loss(output, loss)
-        yy = V.as_labels(y, A.shape[0], A.shape[1])
         out = _out(out, "out", dt, A.shape)
+        if isinstance(Y, np.ndarray) and Y.ndim == 2 and Y.dtype.kind == "f":
+            Yc = V.as_kernel_array(Y, "Y", dt, 2, A.shape, not_in=[out])
+        else:
+            Yc = V.detached(V.as_labels(Y, A.shape[0], max(A.shape[1], 2), "Y"), [out])
         A = V.detached(A, [out])
         if A.size == 0:
             return out, 0.0, 0
-        loss_sum, n_correct = self._raw.output_delta(A, yy, ACT_CODES[output], LOSS_CODES[loss], out)
+        loss_sum, n_correct = self._raw.output_delta(A, Yc, ACT_CODES[output], LOSS_CODES[loss], out)
         return out, float(loss_sum), int(n_correct)
 
     def hidden_delta(
@@ -221,88 +245,152 @@ class Backend:
             self._raw.forward_network(X, weights, biases, ACT_CODES[hidden_act], ACT_CODES[output_act], out)
         return out
 
-    def train_epoch(
-        self,
-        X: np.ndarray,
-        y: np.ndarray,
-        order: np.ndarray,
-        weights: Sequence[np.ndarray],
-        biases: Sequence[np.ndarray],
-        lrs: np.ndarray | float,
-        *,
-        hidden_act: str = "sigmoid",
-        output_act: str = "sigmoid",
-        loss: str = "mse",
-        batch_size: int = 100,
-        l2: float = 0.0,
-        l1: float = 0.0,
-        keep: Sequence[float] | None = None,
-        inverted: bool = True,
-        seed: int = 0,
-        step0: int = 0,
-    ) -> tuple[float, int]:
-        """One epoch of minibatch SGD, updating ``weights`` and ``biases`` in place.
+    def prepare(self, X: np.ndarray, Y: np.ndarray, plan: EpochPlan, *,
+                sample_weight: np.ndarray | None = None) -> PreparedEpochs:  # fmt: skip
+        """Validate the data of a run of epochs once; the result runs epochs on it.
 
         Parameters
         ----------
         X : ndarray (n_samples, n_in)
-            Features in the network's dtype.
-        y : array of int (n_samples,)
-            Class indices.
-        order : array of int (n_used,)
-            Row indices in visiting order; ``n_used <= n_samples`` (leave out rows
-            to drop a partial last batch).
-        weights, biases : lists of ndarray
-            ``W (n_out, n_in)`` and ``b (n_out,)`` per layer, updated in place.
-        lrs : float or ndarray (n_steps,)
-            Learning rate of each minibatch step, ``n_steps = ceil(n_used / batch_size)``.
-        keep : sequence of float (n_layers,), optional
-            Keep probability of each layer's input (1 = no dropout).
-        inverted : bool
-            Scale kept units by ``1/keep`` at training time (inverted dropout).
-        seed, step0 : int
-            Dropout hash seed and the global step number of the first minibatch.
+            Features in the plan's dtype.
+        Y : ndarray
+            Integer class labels ``(n_samples,)`` (``plan.target == 'labels'``; 0/1 for one
+            output unit) or a dense target matrix ``(n_samples, n_out)`` of the plan's dtype.
+        plan : EpochPlan
+            From :func:`fastmlp.backends.contract.plan_epoch`.
+        sample_weight : ndarray (n_samples,), optional
+            Non-negative row weights.
 
         Returns
         -------
-        loss_sum : float
-            Data loss summed over the epoch's samples (before each update).
-        n_correct : int
+        PreparedEpochs
+            ``epochs(order, params, state, lrs, step0) -> EpochStats``.
         """
-        weights, biases = _layer_list(weights, "weights"), _layer_list(biases, "biases")
-        dt = V.check_parameters(weights, biases, finite=True)
-        L = len(weights)
-        X = V.as_kernel_array(X, "X", dt, 2, (None, weights[0].shape[1]), not_in=weights + biases)
-        V.check_activation(hidden_act, "hidden_act")
-        V.check_activation(output_act, "output_act", output=True)
-        V.check_output_loss(output_act, loss)
-        yy = V.as_labels(y, X.shape[0], weights[-1].shape[0])
-        order = _as_order(order, X.shape[0])
-        batch_size = V.check_int(batch_size, "batch_size", minimum=1)
-        n_steps = -(-order.shape[0] // batch_size)
-        # a batch larger than the epoch is the whole epoch (and must fit the kernels' C integers)
-        batch_size = min(batch_size, max(order.shape[0], 1))
+        if not isinstance(plan, EpochPlan):
+            raise TypeError(f"plan must be an EpochPlan from fastmlp.backends.contract.plan_epoch, got {type(plan).__name__}")
+        dt = np.dtype(plan.dtype)
+        X = V.as_kernel_array(X, "X", dt, 2, (None, plan.sizes[0]))
+        n = X.shape[0]
+        k = plan.sizes[-1]
+        if plan.target == "labels":
+            Yc = V.as_labels(Y, n, max(k, 2), "Y")
+        else:
+            Yc = V.as_kernel_array(Y, "Y", dt, 2, (n, k))
+        sw = None if sample_weight is None else V.as_sample_weight(sample_weight, n)
+        return PreparedEpochs(self, X, Yc, plan, sw)
+
+    def train_epoch(
+        self,
+        X: np.ndarray,
+        Y: np.ndarray,
+        order: np.ndarray,
+        params: Params | tuple[Sequence[np.ndarray], Sequence[np.ndarray]],
+        state: OptimizerState | None,
+        lrs: np.ndarray | float,
+        plan: EpochPlan,
+        step0: int = 0,
+        *,
+        sample_weight: np.ndarray | None = None,
+    ) -> EpochStats:
+        """One training epoch, updating the parameters and the optimizer state in place.
+
+        Parameters
+        ----------
+        X, Y, plan, sample_weight
+            As :meth:`prepare`.
+        order : array of int (n_used,)
+            Row indices in visiting order; ``n_used <= n_samples``.
+        params : (weights, biases)
+            ``W (n_out, n_in)`` and ``b (n_out,)`` per layer, matching ``plan.sizes``; updated in place.
+        state : OptimizerState or None
+            The optimizer's arrays (``OptimizerState.zeros(plan.optimizer, plan.sizes, plan.dtype)``);
+            ``None`` for plain SGD.
+        lrs : float or ndarray (n_steps,)
+            Learning rate of each minibatch step, ``n_steps = ceil(n_used / plan.batch_size)``.
+        step0 : int
+            Global step number of the first minibatch (dropout masks).
+
+        Returns
+        -------
+        EpochStats
+            ``(loss_sum, penalty_sum, n_correct)`` (see :mod:`fastmlp.backends.contract`).
+        """
+        return self.prepare(X, Y, plan, sample_weight=sample_weight)(order, params, state, lrs, step0)
+
+
+class PreparedEpochs:
+    """Epochs over validated data: ``epochs(order, params, state, lrs, step0) -> EpochStats``.
+
+    Made by :meth:`Backend.prepare`.  Each call checks what changes between
+    epochs (the order, the rates, the parameters and state: shapes, dtype,
+    finiteness, memory apart from the data), then runs one compiled epoch.
+    """
+
+    def __init__(self, backend: Backend, X: np.ndarray, Y: np.ndarray, plan: EpochPlan, sw: np.ndarray | None) -> None:
+        self.backend, self.X, self.Y, self.plan, self.sw = backend, X, Y, plan, sw
+
+    def __repr__(self) -> str:
+        return f"PreparedEpochs({self.backend.name!r}, {self.X.shape[0]} rows, {self.plan.optimizer!r})"
+
+    def __call__(self, order: np.ndarray, params: Params | tuple[Sequence[np.ndarray], Sequence[np.ndarray]],
+                 state: OptimizerState | None, lrs: np.ndarray | float, step0: int = 0) -> EpochStats:  # fmt: skip
+        plan = self.plan
+        weights, biases = _params(params)
+        V.check_parameters(weights, biases, np.dtype(plan.dtype), finite=True, sizes=plan.sizes)
+        state = _check_state(state, plan, weights, biases)
+        written = [*weights, *biases, *state.arrays()]
+        X, Y = V.detached(self.X, written), V.detached(self.Y, written)
+        sw = None if self.sw is None else V.detached(self.sw, written)
+        order = V.detached(_as_order(order, X.shape[0]), written)
+        n_steps = plan.n_steps(order.shape[0])
         lrs_arr = _as_lrs(lrs, n_steps)
-        l2 = V.check_float(l2, "l2", low=0.0)
-        l1 = V.check_float(l1, "l1", low=0.0)
-        if keep is not None and (isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence | np.ndarray)):
-            raise TypeError(f"keep must be a sequence of {L} keep probabilities, got {type(keep).__name__}")
-        keeps = [1.0] * L if keep is None else [V.check_float(k, "keep", low=0.0, high=1.0, low_open=True) for k in keep]
-        if len(keeps) != L:
-            raise ValueError(f"keep needs one probability per layer input ({L}), got {len(keeps)}")
-        thresholds = np.array([keep_threshold(k) for k in keeps], dtype=np.int64)
-        scales = np.array([1.0 / k if inverted else 1.0 for k in keeps], dtype=np.float64)
-        thresholds[thresholds >= (1 << KEEP_BITS)] = 1 << KEEP_BITS
-        seed = V.check_seed(seed) or 0
+        if sw is not None and order.size:
+            sums = np.add.reduceat(sw[order], np.arange(0, order.shape[0], plan.batch_size))
+            if (sums <= 0).any():
+                bad = int(np.argmax(sums <= 0))
+                raise ValueError(f"sample_weight sums to 0 over minibatch {bad} of this epoch; give every "
+                                 "minibatch some weight (or drop the zero-weight rows)")  # fmt: skip
         step0 = V.check_int(step0, "step0", minimum=0, maximum=_MAX_COUNTER - n_steps)
         if n_steps == 0:
-            return 0.0, 0
-        loss_sum, n_correct = self._raw.train_epoch(
-            X, yy, order, weights, biases, lrs_arr,
-            ACT_CODES[hidden_act], ACT_CODES[output_act], LOSS_CODES[loss],
-            batch_size, l2, l1, thresholds, scales, seed, step0,
-        )  # fmt: skip
-        return float(loss_sum), int(n_correct)
+            return EpochStats(0.0, 0.0, 0)
+        ls, ps, nc = self.backend.raw.train_epoch(X, Y, order, weights, biases, state, lrs_arr, plan, step0, sw)
+        return EpochStats(float(ls), float(ps), int(nc))
+
+
+def _params(params: object) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    if isinstance(params, (str, bytes, np.ndarray)) or not isinstance(params, Sequence) or len(params) != 2:
+        raise TypeError("params must be a pair (weights, biases) of lists of numpy arrays")
+    return _layer_list(params[0], "weights"), _layer_list(params[1], "biases")
+
+
+def _check_state(state: OptimizerState | None, plan: EpochPlan, weights: list[np.ndarray],
+                 biases: list[np.ndarray]) -> OptimizerState:  # fmt: skip
+    """The optimizer state for ``plan``: right kind, shapes, dtype, writeable and apart from the parameters."""
+    if state is None:
+        if plan.n_slots:
+            raise ValueError(f"optimizer {plan.optimizer!r} needs its state: pass "
+                             "OptimizerState.zeros(plan.optimizer, plan.sizes, plan.dtype)")  # fmt: skip
+        return OptimizerState(plan.optimizer)
+    if not isinstance(state, OptimizerState):
+        raise TypeError(f"state must be an OptimizerState or None, got {type(state).__name__}")
+    if state.kind != plan.optimizer or len(state.weights) != plan.n_slots or len(state.biases) != plan.n_slots:
+        raise ValueError(f"state is for optimizer {state.kind!r} with {len(state.weights)} slots; "
+                         f"the plan's optimizer is {plan.optimizer!r} with {plan.n_slots}")  # fmt: skip
+    V.check_int(state.t, "state.t", minimum=0, maximum=_MAX_COUNTER)
+    dt = np.dtype(plan.dtype)
+    for s in range(plan.n_slots):
+        V.check_parameters(state.weights[s], state.biases[s], dt, finite=True, sizes=plan.sizes,
+                           what=f"state slot {s}")  # fmt: skip
+    arrays = state.arrays()
+    params = [*weights, *biases]
+    for i, a in enumerate(arrays):
+        for p in params:
+            if a.size and p.size and np.may_share_memory(a, p):
+                raise ValueError("the optimizer state shares memory with the parameters; pass separate arrays")
+        for b in arrays[i + 1 :]:
+            if a.size and b.size and np.may_share_memory(a, b):
+                raise ValueError("two optimizer state arrays share memory; pass separate arrays")
+    return state
 
 
 def _float_dtype(a: object, name: str) -> np.dtype:

@@ -27,8 +27,9 @@ try:
 except Exception as exc:  # any failure (missing, broken llvmlite, NumPy mismatch) makes the backend unavailable
     raise ImportError(f"the numba backend needs the 'numba' package, which failed to import: {exc}") from exc
 
-from fastmlp import config
-from fastmlp.backends._threads import ThreadChoice
+from fastmlp import _threads, config
+from fastmlp.backends import reference as _ref
+from fastmlp.backends.contract import ACT_CODES, LOSS_CODES, EpochPlan, OptimizerState
 
 NAME = "numba"
 
@@ -45,11 +46,8 @@ __all__ = [
 
 _kernels = None
 _load_lock = threading.Lock()
-_controller = None
-#: a minibatch is split over threads only when every thread gets at least this many rows
-MIN_ROWS_PER_THREAD = 16
-#: measured thread choice of train_epoch (see fastmlp.backends._threads)
-_choice = ThreadChoice()
+#: measured thread choice of train_epoch (see fastmlp._threads)
+_choice = _threads.ThreadChoice()
 
 
 def _k():
@@ -58,7 +56,7 @@ def _k():
     if _kernels is None:
         with _load_lock:
             if _kernels is None:
-                from fastmlp._numba import kernels
+                from fastmlp.backends.numba import kernels
 
                 _kernels = kernels
     return _kernels
@@ -97,7 +95,7 @@ def forward(A: np.ndarray, W: np.ndarray, b: np.ndarray, act: int, out: np.ndarr
     W : ndarray (n_out, n_in)
     b : ndarray (n_out,)
     act : int
-        Activation code (:data:`fastmlp.backends._contract.ACT_CODES`).
+        Activation code (:data:`fastmlp.backends.contract.ACT_CODES`).
     out : ndarray (n_samples, n_out)
         Written in place.
     """
@@ -124,6 +122,8 @@ def output_delta(A: np.ndarray, y: np.ndarray, output: int, loss: int, out: np.n
     n_correct : int
         Rows whose first arg-max equals the label.
     """
+    if y.ndim == 2 or not _k_supports(output, loss, A.shape[1]):
+        return _ref.output_delta(A, y, output, loss, out)
     ls, nc = _k().output_delta[A.dtype](_aligned(A), _aligned(y), output, loss, out)
     return float(ls), int(nc)
 
@@ -168,107 +168,71 @@ def forward_network(
     X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray], hidden_act: int, output_act: int, out: np.ndarray
 ) -> None:
     """Output activations ``out (n_samples, n_classes)`` of the whole network for ``X (n_samples, n_in)``."""
+    if output_act == ACT_CODES["exp"]:
+        _ref.forward_network(X, weights, biases, hidden_act, output_act, out)
+        return
     theta, sizes = _flat(weights, biases)
     _k().forward_network[X.dtype](_aligned(X), theta, sizes, hidden_act, output_act, out)
 
 
-def _blas_controller():
-    global _controller
-    if _controller is None:
-        # Numba's np.dot calls SciPy's BLAS (scipy.linalg.cython_blas), a different OpenBLAS from NumPy's:
-        # load it first so that the controller sees it
-        import scipy.linalg.cython_blas  # noqa: F401
-        from threadpoolctl import ThreadpoolController
-
-        _controller = ThreadpoolController()
-    return _controller
-
-
-def n_chunks_for(batch_size: int, sizes: Sequence[int]) -> int:
-    """Threads to split each minibatch over: ``config.num_threads()`` when compiled parallel and worth it.
-
-    Each thread must get at least :data:`MIN_ROWS_PER_THREAD` rows; otherwise
-    the epoch runs on one thread and BLAS keeps its own threads.
-    """
-    if not config.PARALLEL:
-        return 1
-    t = config.num_threads()
-    while t > 1 and batch_size < t * MIN_ROWS_PER_THREAD:
-        t -= 1
-    return t
+def _k_supports(output: int, loss: int, k: int) -> bool:
+    """Whether the compiled output delta covers this pair (the labels kind, the lecture's losses)."""
+    return loss in (LOSS_CODES["mse"], LOSS_CODES["ce"]) and output != ACT_CODES["exp"] and k >= 2
 
 
 def train_epoch(
     X: np.ndarray,
-    y: np.ndarray,
+    Y: np.ndarray,
     order: np.ndarray,
     weights: list[np.ndarray],
     biases: list[np.ndarray],
+    state: OptimizerState,
     lrs: np.ndarray,
-    hidden_act: int,
-    output_act: int,
-    loss: int,
-    batch_size: int,
-    l2: float,
-    l1: float,
-    thresholds: np.ndarray,
-    scales: np.ndarray,
-    seed: int,
+    plan: EpochPlan,
     step0: int,
-) -> tuple[float, int]:
-    """One epoch of minibatch SGD in one compiled call (see :func:`fastmlp.backends.reference.train_epoch`).
+    sample_weight: np.ndarray | None,
+) -> tuple[float, float, int]:
+    """One epoch in one compiled call (semantics of :func:`fastmlp.backends.reference.train_epoch`).
 
-    Parameters
-    ----------
-    X : ndarray (n_samples, n_in)
-    y : ndarray of int64 (n_samples,)
-    order : ndarray of int64 (n_used,)
-    weights, biases : lists of ndarray
-        ``W (n_out, n_in)``, ``b (n_out,)`` per layer, updated in place.
-    lrs : ndarray of float64 (n_steps,)
-    hidden_act, output_act, loss : int
-    batch_size : int
-    l2, l1 : float
-    thresholds : ndarray of int64 (n_layers,)
-    scales : ndarray of float64 (n_layers,)
-    seed, step0 : int
-
-    Returns
-    -------
-    loss_sum : float
-    n_correct : int
+    Returns ``(loss_sum, penalty_sum, n_correct)``.
     """
+    if (plan.target != "labels" or plan.optimizer != "sgd" or plan.alpha or sample_weight is not None
+            or not _k_supports(plan.output_code, plan.loss_code, plan.sizes[-1])):  # fmt: skip
+        return _ref.train_epoch(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight)
     theta, sizes = _flat(weights, biases)
-    n_chunks = n_chunks_for(min(batch_size, order.shape[0]), sizes.tolist())
-    # the chunks depend on the shape and config only; how many threads run them does not change the
-    # result: unless FASTMLP_NUM_THREADS says, measure one and n_chunks now and then and keep the faster
-    key = (tuple(sizes.tolist()), batch_size, X.dtype.char)
-    n_threads = n_chunks if config.NUM_THREADS is not None else _choice.choose(key, n_chunks)
-    # the serial variant for one chunk (a parallel region per step costs a barrier); the parallel one
-    # otherwise, also when it runs on one thread: the two variants compile to different float32 roundings
+    bs = plan.batch_size
+    n_chunks = _threads.n_blocks(plan.sizes, min(bs, order.shape[0])) if config.PARALLEL else 1
+    # the chunks depend on the shape only; how many threads run them does not change the result:
+    # measure one and several now and then and keep the faster
+    key = (plan.sizes, bs, X.dtype.char)
+    n_threads = _choice.choose(key, min(n_chunks, _threads.thread_budget(), config.pool_size()))
     entry = _k().train_epoch
     # a first call's compilation is not a speed
-    timed = config.NUM_THREADS is None and entry.is_compiled(X.dtype, n_chunks > 1)
+    timed = entry.is_compiled(X.dtype, n_chunks > 1)
     kern = entry[X.dtype, n_chunks > 1]
     args = (
-        _aligned(X), _aligned(y), _aligned(order), theta, sizes, _aligned(lrs),
-        int(hidden_act), int(output_act), int(loss), int(batch_size), float(l2), float(l1),
-        _aligned(thresholds), _aligned(scales), np.uint64(seed), int(step0), n_chunks,
+        _aligned(X), _aligned(Y), _aligned(order), theta, sizes, _aligned(lrs),
+        plan.hidden_code, plan.output_code, plan.loss_code, int(bs), float(plan.l2), float(plan.l1),
+        plan.thresholds_array, plan.scales_array, np.uint64(plan.seed), int(step0), n_chunks,
     )  # fmt: skip
     if n_chunks > 1:
         import numba as nb
 
+        old = nb.get_num_threads()
         nb.set_num_threads(n_threads)
-        # two levels of threads oversubscribe the cores (DESIGN §4): BLAS runs single-threaded meanwhile
-        with _blas_controller().limit(limits=1, user_api="blas"):
-            t0 = time.perf_counter()
-            loss_sum, n_correct = kern(*args)
-            if timed:
-                _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])
+        try:
+            # two levels of threads oversubscribe the cores: BLAS runs single-threaded meanwhile
+            with _threads.blas_pinned():
+                t0 = time.perf_counter()
+                loss_sum, n_correct = kern(*args)
+                if timed:
+                    _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])
+        finally:
+            nb.set_num_threads(old)
     else:
         loss_sum, n_correct = kern(*args)
     _unflat(theta, weights, biases)
-    return float(loss_sum), int(n_correct)
+    return float(loss_sum), 0.0, int(n_correct)
 
 
 def describe() -> str:
@@ -276,4 +240,4 @@ def describe() -> str:
     import numba
 
     return (f"numba {numba.__version__}, parallel {'on' if config.PARALLEL else 'off'}, "
-            f"{config.num_threads()} threads, fastmath {config.FASTMATH!r}, cache {'on' if config.CACHE else 'off'}")  # fmt: skip
+            f"{config.pool_size()} threads, fastmath {config.FASTMATH!r}, cache {'on' if config.CACHE else 'off'}")  # fmt: skip

@@ -1,6 +1,6 @@
 """Cython backend: the kernel contract compiled, with a whole epoch in one call.
 
-The kernels live in :mod:`fastmlp._cython` (one source, ``_kernels.pxi``,
+The kernels live in :mod:`fastmlp.backends.cython` (one source, ``_kernels.pxi``,
 compiled three times).  This adapter picks the build for this CPU:
 
 ``avx512``
@@ -33,23 +33,20 @@ from __future__ import annotations
 
 import importlib
 import os
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 
 import numpy as np
 
-from fastmlp import config
-from fastmlp.backends._contract import ACT_CODES, LOSS_CODES
-from fastmlp.backends._threads import ThreadChoice
+from fastmlp import _threads
+from fastmlp.backends import reference as _ref
+from fastmlp.backends.contract import ACT_CODES, LOSS_CODES, EpochPlan, OptimizerState
 
 NAME = "cython"
 
 __all__ = [
     "NAME",
-    "NUM_THREADS",
     "OPENMP",
     "VARIANT",
     "dropout_mask",
@@ -126,7 +123,7 @@ def _load() -> tuple[ModuleType, str]:
             continue
         modname = "_kernels" if variant == "baseline" else f"_kernels_{variant}"
         try:
-            mod = importlib.import_module(f"fastmlp._cython.{modname}")
+            mod = importlib.import_module(f"fastmlp.backends.cython.{modname}")
         except ImportError as exc:
             errors.append(f"{variant}: {exc}")
             if isa != "auto":
@@ -142,7 +139,7 @@ def _load() -> tuple[ModuleType, str]:
 _k, VARIANT = _load()
 
 if _k.ACT_CODES != ACT_CODES or _k.LOSS_CODES != LOSS_CODES:
-    raise ImportError("the Cython kernels were compiled with other activation/loss codes than _contract.py: rebuild them")
+    raise ImportError("the Cython kernels were compiled with other activation/loss codes than contract.py: rebuild them")
 
 #: whether the loaded build has OpenMP (multi-threaded ``train_epoch``)
 OPENMP: bool = bool(_k.HAVE_OPENMP)
@@ -150,16 +147,19 @@ OPENMP: bool = bool(_k.HAVE_OPENMP)
 SIMD_GEMM: bool = bool(getattr(_k, "SIMD_GEMM", False))
 
 
-#: threads of ``train_epoch`` (None: choose per shape, at most 2 and the CPUs available)
-NUM_THREADS: int | None = config.NUM_THREADS  # $FASTMLP_NUM_THREADS, parsed once in fastmlp.config
-
 forward = _k.forward
-output_delta = _k.output_delta
 hidden_delta = _k.hidden_delta
 inplace_update = _k.inplace_update
 dropout_mask = _k.dropout_mask
 #: rows from which predicting splits its chunks of 256 rows over our threads
 _PARALLEL_FORWARD_ROWS = 512
+
+
+def output_delta(A: np.ndarray, Y: np.ndarray, output: int, loss: int, out: np.ndarray) -> tuple[float, int]:
+    """Output delta against labels or a dense target matrix (semantics of ``reference.output_delta``)."""
+    if Y.ndim == 2 or not _k_supports(output, loss, A.shape[1]):
+        return _ref.output_delta(A, Y, output, loss, out)
+    return _k.output_delta(A, Y, output, loss, out)
 
 
 def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray], hidden_act: int,
@@ -172,179 +172,69 @@ def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.nd
     single-threaded nor wakes OpenBLAS's own workers, which would keep spinning into the next epoch.
     The avx512 build, which calls no BLAS, always splits such inputs.
     """
+    if output_act == ACT_CODES["exp"]:
+        _ref.forward_network(X, weights, biases, hidden_act, output_act, out)
+        return
     n_threads = 1
-    if OPENMP and (_pin_depth > 0 or SIMD_GEMM) and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
-        n_threads = min(NUM_THREADS if NUM_THREADS is not None else _cpus(), 2)
+    if OPENMP and (_threads.pinned() or SIMD_GEMM) and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
+        n_threads = min(_threads.thread_budget(), 2)
     _k.forward_network(X, weights, biases, hidden_act, output_act, out, n_threads)
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-_blas_controller: object = None
-_pin_lock = threading.Lock()
-_pin_depth = 0
-_pin_saved: list[tuple[object, int]] = []
-
-
-def _scipy_blas_libs() -> list | None:
-    """threadpoolctl's controllers of SciPy's BLAS (the one the kernels call), or None if it cannot be found."""
-    global _blas_controller
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    if _blas_controller is None:
-        _blas_controller = ThreadpoolController()
-    import scipy
-
-    # wheels vendor it in site-packages/scipy.libs, other builds inside the package or a shared system library
-    roots = (os.path.dirname(scipy.__file__), os.path.dirname(scipy.__file__) + ".libs")
-    blas = [lib for lib in _blas_controller.lib_controllers if lib.user_api == "blas"]  # type: ignore[attr-defined]
-    prefixes = tuple(os.path.realpath(r) + os.sep for r in roots)
-    mine = [lib for lib in blas if os.path.realpath(lib.filepath).startswith(prefixes)]
-    return (mine or blas) or None  # a BLAS shared with NumPy: pin it too, only for the epoch
-
-
-@contextmanager
-def _blas_pinned() -> Iterator[bool]:
-    """Pin SciPy's BLAS to one thread while inside (nesting and concurrent epochs from several Python
-    threads share one pin; the last to leave restores the original counts).  Yields False when the
-    BLAS cannot be found, and then pins nothing."""
-    global _pin_depth
-    with _pin_lock:
-        if _pin_depth == 0:
-            libs = _scipy_blas_libs()
-            if libs is not None:
-                _pin_saved[:] = [(lib, lib.num_threads) for lib in libs]
-                for lib, n in _pin_saved:
-                    if n != 1:
-                        lib.set_num_threads(1)  # type: ignore[attr-defined]
-                _pin_depth = 1
-        else:
-            libs = []
-            _pin_depth += 1
-    if libs is None:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        with _pin_lock:
-            _pin_depth -= 1
-            if _pin_depth == 0:
-                for lib, n in _pin_saved:
-                    if n != 1:
-                        lib.set_num_threads(n)  # type: ignore[attr-defined]
-                _pin_saved.clear()
-
-
 def fit_context(sizes: list[int], batch_size: int) -> AbstractContextManager[bool]:
-    """Context for a whole ``fit``: keeps SciPy's BLAS on one thread across epochs when they are split
-    over our threads.  Between epochs the validation pass would otherwise wake OpenBLAS's own threads,
-    which then spin for a while and slow the next epoch down (measured: 0.13 s epochs instead of 0.07 s
-    for 784-50-10 float32)."""
-    if _n_threads(list(sizes), batch_size) > 1:
-        return _blas_pinned()
+    """Context for a whole ``fit``: keeps the BLAS on one thread across epochs when they are split over our
+    threads.  Between epochs the validation pass would otherwise wake OpenBLAS's own threads, which then
+    spin for a while and slow the next epoch down (measured: 0.13 s epochs instead of 0.07 s for 784-50-10
+    float32)."""
+    if OPENMP and _threads.n_blocks(list(sizes), batch_size) > 1 and _threads.thread_budget() > 1:
+        return _threads.blas_pinned()
     return nullcontext(False)
 
 
-def _n_blocks(sizes: list[int], batch_size: int) -> int:
-    """How many blocks each minibatch (rows) and each ``W`` (columns) is cut into.
-
-    The result of an epoch depends on the blocks, not on how many threads run them.  With
-    ``NUM_THREADS`` set the blocks follow it; otherwise they follow the shape only: two where
-    splitting pays (DESIGN §4), one elsewhere.
-    """
-    if NUM_THREADS is not None:
-        return NUM_THREADS if OPENMP else 1
-    if batch_size < 2 or _cpus() < 2:
-        return 1
-    macs = max(a * b for a, b in zip(sizes[:-1], sizes[1:])) * batch_size
-    if SIMD_GEMM:  # our kernels run on our threads only: split everything that is not tiny
-        return 2 if macs >= _SPLIT_MIN_MACS else 1
-    return 2 if _SPLIT_MIN_MACS <= macs <= _SPLIT_MAX_MACS else 1
+_choice = _threads.ThreadChoice()
 
 
-_choice = ThreadChoice()
-
-
-def _choose_threads(key: tuple, n_blocks: int) -> int:
-    """Threads for the next epoch: ``$FASTMLP_NUM_THREADS`` when set, else measured (:mod:`._threads`)."""
-    if n_blocks < 2 or not OPENMP:
-        return 1
-    if NUM_THREADS is not None:
-        return min(NUM_THREADS, n_blocks)
-    return _choice.choose(key, n_blocks)
-
-
-def _n_threads(sizes: list[int], batch_size: int) -> int:
-    """Upper bound of the threads an epoch of this shape may use (for pinning BLAS)."""
-    return _n_blocks(sizes, batch_size) if OPENMP else 1
+def _k_supports(output: int, loss: int, k: int) -> bool:
+    """Whether the compiled output delta covers this pair (the labels kind, the lecture's losses)."""
+    return loss in (LOSS_CODES["mse"], LOSS_CODES["ce"]) and output != ACT_CODES["exp"] and k >= 2
 
 
 def train_epoch(
     X: np.ndarray,
-    y: np.ndarray,
+    Y: np.ndarray,
     order: np.ndarray,
     weights: list[np.ndarray],
     biases: list[np.ndarray],
+    state: OptimizerState,
     lrs: np.ndarray,
-    hidden_act: int,
-    output_act: int,
-    loss: int,
-    batch_size: int,
-    l2: float,
-    l1: float,
-    thresholds: np.ndarray,
-    scales: np.ndarray,
-    seed: int,
+    plan: EpochPlan,
     step0: int,
-) -> tuple[float, int]:
-    """One epoch of minibatch SGD in one compiled call (semantics of ``reference.train_epoch``).
+    sample_weight: np.ndarray | None,
+) -> tuple[float, float, int]:
+    """One epoch in one compiled call without the GIL (semantics of ``reference.train_epoch``).
 
-    Parameters
-    ----------
-    X : ndarray (n_samples, n_in)
-    y : ndarray of int64 (n_samples,)
-    order : ndarray of int64 (n_used,)
-        Rows in visiting order; the last minibatch may be partial.
-    weights, biases : lists of ndarray ``(n_out, n_in)`` / ``(n_out,)``
-        Updated in place.
-    lrs : ndarray of float64 (n_steps,)
-    hidden_act, output_act, loss : int
-        Activation and loss codes.
-    batch_size : int
-    l2, l1 : float
-    thresholds : ndarray of int64 (n_layers,)
-        Dropout keep thresholds (``2**24``: no dropout on that layer's input).
-    scales : ndarray of float64 (n_layers,)
-    seed, step0 : int
-
-    Returns
-    -------
-    loss_sum : float
-        Data loss summed over the epoch's samples, each measured before its update.
-    n_correct : int
+    Returns ``(loss_sum, penalty_sum, n_correct)``; see :mod:`fastmlp.backends.contract`.
     """
-    sizes = [X.shape[1]] + [W.shape[0] for W in weights]
-    args = (X, y, order, list(weights), list(biases), lrs, hidden_act, output_act, loss, batch_size, l2, l1,
-            thresholds, scales, seed, step0)  # fmt: skip
-    n_blocks = _n_blocks(sizes, batch_size)
+    if (plan.target != "labels" or plan.optimizer != "sgd" or plan.alpha or sample_weight is not None
+            or not _k_supports(plan.output_code, plan.loss_code, plan.sizes[-1])):  # fmt: skip
+        return _ref.train_epoch(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight)
+    sizes = list(plan.sizes)
+    bs = plan.batch_size
+    args = (X, Y, order, list(weights), list(biases), lrs, plan.hidden_code, plan.output_code, plan.loss_code,
+            bs, plan.l2, plan.l1, plan.thresholds_array, plan.scales_array, plan.seed, step0)  # fmt: skip
+    n_blocks = _threads.n_blocks(sizes, min(bs, order.shape[0])) if OPENMP else 1
     if n_blocks > 1:
-        key = (tuple(sizes), batch_size, X.dtype.char)
-        n_threads = _choose_threads(key, n_blocks)
-        with _blas_pinned() as pinned:
+        key = (tuple(sizes), bs, X.dtype.char)
+        n_threads = _choice.choose(key, min(n_blocks, _threads.thread_budget()))
+        with _threads.blas_pinned() as pinned:
             if not pinned:  # BLAS not found, so it cannot be kept off our threads: stay on one
                 n_threads = 1
             t0 = time.perf_counter()
-            result = _k.train_epoch(*args, n_threads, n_blocks)
+            ls, nc = _k.train_epoch(*args, n_threads, n_blocks)
             _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])
-            return result
-    return _k.train_epoch(*args, 1, 1)
+            return ls, 0.0, nc
+    ls, nc = _k.train_epoch(*args, 1, 1)
+    return ls, 0.0, nc
 
 
 def describe() -> str:

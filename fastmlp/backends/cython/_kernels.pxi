@@ -98,23 +98,26 @@ cdef extern from *:
     const uint64_t FM_MIX1
     const uint64_t FM_MIX2
 
-# integer codes, checked against fastmlp.backends._contract by the adapter
+# integer codes, checked against fastmlp.backends.contract by the adapter
 cdef enum:
     ACT_IDENTITY = 0
     ACT_SIGMOID = 1
     ACT_TANH = 2
     ACT_RELU = 3
     ACT_SOFTMAX = 4
+    ACT_EXP = 5
     LOSS_MSE = 0
     LOSS_CE = 1
+    LOSS_SQE = 2
+    LOSS_POISSON = 3
     KEEP_BITS = 24
     NOTRANS = 78  # BLAS transpose flags: 'N'
     TRANS = 84    # 'T'
 
 #: activation and loss codes compiled into this module
 ACT_CODES = {"identity": ACT_IDENTITY, "sigmoid": ACT_SIGMOID, "tanh": ACT_TANH, "relu": ACT_RELU,
-             "softmax": ACT_SOFTMAX}
-LOSS_CODES = {"mse": LOSS_MSE, "ce": LOSS_CE}
+             "softmax": ACT_SOFTMAX, "exp": ACT_EXP}
+LOSS_CODES = {"mse": LOSS_MSE, "ce": LOSS_CE, "squared_error": LOSS_SQE, "poisson": LOSS_POISSON}
 #: whether this build runs ``train_epoch`` on several OpenMP threads
 HAVE_OPENMP = bool(FM_HAVE_OPENMP)
 
@@ -713,7 +716,7 @@ def dropout_mask(uint64_t seed, uint64_t step, uint64_t layer, int64_t keep_thre
     Parameters
     ----------
     seed, step, layer : int
-        Hash inputs (see ``fastmlp.backends._contract``).
+        Hash inputs (see ``fastmlp.backends.contract``).
     keep_threshold : int
         A unit is kept iff its 24-bit draw is below this.
     scale : float

@@ -20,7 +20,7 @@ Numerics
   ``W_l (n_out, n_in)`` and ``b_l (n_out,)`` are rebuilt from offsets inside
   the kernel, so one signature serves every depth.
 * Dropout masks are the splitmix64 counter hash of
-  :mod:`fastmlp.backends._contract`, in wrapping uint64 arithmetic (every
+  :mod:`fastmlp.backends.contract`, in wrapping uint64 arithmetic (every
   operand is typed uint64: mixing int64 and uint64 in Numba gives float64).
 """
 
@@ -36,7 +36,9 @@ from numba import prange, types
 from numba.extending import intrinsic, overload, register_jitable
 
 from fastmlp import config
-from fastmlp.backends._contract import ACT_CODES, GOLDEN, KEEP_BITS, LOG_EPS, LOSS_CODES, MIX1, MIX2
+from fastmlp.backends.contract import ACT_CODES, GOLDEN, KEEP_BITS, LOSS_CODES, MIX1, MIX2
+
+LOG_EPS = 1e-12
 
 # integer codes, frozen into the kernels as compile-time constants
 _IDENT = ACT_CODES["identity"]

@@ -1,1 +1,0 @@
-"""Private Numba kernels of the ``numba`` backend (see :mod:`fastmlp._numba.kernels`); import nothing here eagerly."""
