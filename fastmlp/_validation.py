@@ -211,6 +211,7 @@ def check_parameters(
     finite: bool = False,
     sizes: Sequence[int] | None = None,
     what: str = "",
+    writeable: bool = True,
 ) -> np.dtype:
     """Check that weights/biases chain, share one float dtype and no memory; return that dtype.
 
@@ -240,7 +241,9 @@ def check_parameters(
         if sizes is not None and W.shape != (sizes[i + 1], sizes[i]):
             raise ValueError(f"{wn}[{i}] has shape {W.shape} but layer {i} of the network is "
                              f"({sizes[i + 1]}, {sizes[i]}); put back arrays of the network's shapes")  # fmt: skip
-        if not (W.flags.c_contiguous and b.flags.c_contiguous and W.flags.writeable and b.flags.writeable):
+        if not (W.flags.c_contiguous and b.flags.c_contiguous) or (
+            writeable and not (W.flags.writeable and b.flags.writeable)
+        ):
             raise ValueError(f"{wn}[{i}] and {bn}[{i}] must be writeable C-contiguous arrays; use np.ascontiguousarray")
         if not (W.flags.aligned and b.flags.aligned):
             raise ValueError(f"{wn}[{i}] and {bn}[{i}] must be aligned arrays; copy them with np.array(...)")

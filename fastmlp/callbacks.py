@@ -185,6 +185,10 @@ class EarlyStopping(Callback):
         Called when the patience runs out; when it returns True training goes
         on with a fresh count (scikit-learn's ``learning_rate='adaptive'``
         divides the rate there), else it stops.
+    keep_state : bool
+        Carry the count, the best value and the best weights over to the next
+        fit this callback is given to (scikit-learn's ``partial_fit`` and
+        ``warm_start`` continue them); by default each fit starts afresh.
 
     Attributes
     ----------
@@ -203,6 +207,7 @@ class EarlyStopping(Callback):
         restore_best: bool = True,
         convention: str = "keras",
         on_plateau: Callable[[], bool] | None = None,
+        keep_state: bool = False,
     ) -> None:
         self.patience = V.check_int(patience, "patience", minimum=1 if convention == "keras" else 0)
         self.min_delta = V.check_float(min_delta, "min_delta", low=0.0)
@@ -216,6 +221,8 @@ class EarlyStopping(Callback):
         self.restore_best = bool(restore_best)
         self.convention = convention
         self.on_plateau = on_plateau
+        self.keep_state = bool(keep_state)
+        self._started = False
         sk = convention == "sklearn"
         self.rule = Plateau("max" if MONITORS[monitor] else "min", self.min_delta,
                             self.patience if sk else self.patience - 1, inclusive=sk, track_any=sk)  # fmt: skip
@@ -243,7 +250,10 @@ class EarlyStopping(Callback):
         if getattr(history, self.monitor) is None:
             raise ValueError(f"early stopping on {self.monitor!r}: this fit does not record it "
                              "(accuracy is not defined for regression targets); monitor a loss or valid_score")  # fmt: skip
-        self._reset()
+        if not (self.keep_state and self._started):
+            self._reset()
+        self._started = True
+        self.stopped_epoch = None
 
     def on_epoch_end(self, net: Network, history: History) -> bool:
         value = getattr(history, self.monitor)[-1]

@@ -256,8 +256,11 @@ class Network:
             "init": self.init,
         }
 
-    def check_parameters(self) -> None:
+    def check_parameters(self, train: bool = True) -> None:
         """Check that ``weights``/``biases`` still are arrays of the network's shapes and dtype, finite.
+
+        With ``train`` (before a fit), read-only or non-contiguous parameters (a network
+        unpickled from a read-only memory map, say) are first replaced by writeable copies.
 
         Raises
         ------
@@ -267,7 +270,12 @@ class Network:
         for name in ("weights", "biases"):
             if not isinstance(getattr(self, name), list):
                 setattr(self, name, list(getattr(self, name)))
-        V.check_parameters(self.weights, self.biases, self.dtype, finite=True, sizes=self.layers)
+        if train:
+            for lst in (self.weights, self.biases):
+                for i, a in enumerate(lst):
+                    if isinstance(a, np.ndarray) and not (a.flags.writeable and a.flags.c_contiguous and a.flags.aligned):
+                        lst[i] = np.array(a, order="C")
+        V.check_parameters(self.weights, self.biases, self.dtype, finite=True, sizes=self.layers, writeable=train)
 
     def get_params(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Copies of ``(weights, biases)``."""
@@ -304,7 +312,7 @@ class Network:
 
     # ------------------------------------------------------------------ inference
     def _inference_params(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        self.check_parameters()
+        self.check_parameters(train=False)
         if self.predict_keep is None:
             return self.weights, self.biases
         # classic (non-inverted) dropout: scale each layer's weights by its input keep probability

@@ -1,135 +1,70 @@
-"""scikit-learn estimators: :class:`FastMLPClassifier` and :class:`FastMLPRegressor`.
+"""scikit-learn's ``MLPClassifier`` and ``MLPRegressor``, one changed import away, on fastmlp's kernels.
 
-Both wrap a :class:`fastmlp.Network` and pass scikit-learn's
-``check_estimator``; they work in ``Pipeline``, ``GridSearchCV``,
-``cross_validate``, ``clone`` and pickle.  This is the only module of fastmlp
-that imports scikit-learn.
+::
 
-Seeding
-    With an integer ``random_state`` the classifier builds
-    ``Network(layers, ..., seed=random_state)`` and trains it with
-    ``Network.fit(..., seed=random_state)``, so it gives the same weights, bit
-    for bit, as calling those two yourself with the same settings (and, with
-    ``early_stopping=True``, the split
-    ``train_test_split(X, y, test_size=validation_fraction,
-    random_state=random_state, stratify=y)``).  ``None`` draws a seed from
-    NumPy's global generator; a ``RandomState`` instance gives one draw.
-    Continued training (``warm_start``, ``partial_fit``) derives its
-    shuffling and dropout seeds from the network's seed and step counter.
+    from fastmlp.sklearn import MLPClassifier, MLPRegressor   # instead of sklearn.neural_network
 
-Data types
-    ``dtype=None`` (the default) trains in float32 when ``X`` is float32 and in
-    float64 otherwise (integers, float16, lists, ...); ``'float32'`` or
-    ``'float64'`` fixes it.  Prediction casts ``X`` to the fitted dtype and
-    returns arrays of that dtype.
+The constructors are scikit-learn's exactly -- every parameter, name, default
+and meaning (``solver`` sgd/adam/lbfgs, ``alpha``, ``batch_size='auto'``,
+``learning_rate`` constant/invscaling/adaptive, ``momentum``,
+``nesterovs_momentum``, ``early_stopping``, ``n_iter_no_change``, ``tol``,
+``max_fun``, ``warm_start``, ...) -- and so are the fitted attributes
+(``coefs_`` in its ``(fan_in, fan_out)`` layout, ``intercepts_``, ``loss_``,
+``loss_curve_``, ``validation_scores_``, ``n_iter_``, ``t_``, ...), the
+methods (``fit(X, y, sample_weight=None)``, ``partial_fit``, ``predict``,
+``predict_proba``, ``predict_log_proba``, ``score``) and the targets (binary,
+multiclass, multi-label; single- and multi-output regression).  With the same
+``random_state``, in float64, the weights, the loss curve, ``n_iter_`` and the
+predictions agree with scikit-learn's own estimators: the initialisation, the
+validation split and the shuffles are drawn from the same ``RandomState`` in
+the same order, and every epoch runs the same arithmetic in fastmlp's compiled
+epoch (:func:`fastmlp.training.fit` with scikit-learn's ``alpha`` penalty,
+optimizers and stopping rule).
 
-Threads
-    ``n_threads=None`` leaves BLAS, OpenMP and Numba their default thread
-    counts (all cores) when the estimator runs in the main process, and caps
-    them at 1 while it runs inside a joblib worker (``GridSearchCV(n_jobs=k)``,
-    ``cross_validate(n_jobs=k)``, ...), so that parallel jobs do not
-    oversubscribe the cores.  An integer caps them at that many during
-    ``fit``, ``partial_fit`` and prediction: the compiled backends' epoch
-    threads, ``numba.set_num_threads``, and (from the main thread only:
-    OpenBLAS ignores the call from other threads) BLAS/OpenMP through
-    threadpoolctl.  ``n_threads_`` records the cap used by the last fit.
+fastmlp's own options are further keyword arguments: ``dropout``,
+``input_dropout``, ``l1``, ``dtype`` (None: float32 input trains in float32,
+anything else in float64, as scikit-learn), ``backend``, ``n_threads`` (a cap
+of the threads of fit and predict; None: 1 inside a joblib worker, else no
+cap) and ``callbacks``.  ``solver='lbfgs'`` minimises the full-batch loss with
+``scipy.optimize.minimize(method='L-BFGS-B')`` on fastmlp's compiled loss and
+gradient.  Sparse input is accepted and densified.
+
+This is the only module of fastmlp that imports scikit-learn.
 """
 
 from __future__ import annotations
 
-import copy
 import numbers
-import sys
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+import scipy.optimize
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import r2_score
 from sklearn.model_selection import train_test_split
-from sklearn.utils import Tags, check_random_state
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils import check_random_state, shuffle
+from sklearn.utils._param_validation import Interval, Options, StrOptions
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
+from sklearn.utils.optimize import _check_optimize_result
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d, validate_data
 
-from fastmlp._regression import RegressionHistory, fit_regression
-from fastmlp.backends import Backend, get_backend
-from fastmlp.callbacks import Callback
-from fastmlp.network import Network
-from fastmlp.training import History
+from fastmlp import _threads
+from fastmlp.backends.contract import OptimizerState, plan_epoch
+from fastmlp.callbacks import Callback, EarlyStopping
+from fastmlp.network import Network, init_params
+from fastmlp.optimizers import SGD, Adam
 
-__all__ = ["FastMLPClassifier", "FastMLPRegressor"]
+__all__ = ["MLPClassifier", "MLPRegressor"]
 
-_FIT_DTYPES = {None: [np.float64, np.float32], "float32": np.float32, "float64": np.float64}
-
-
-# ---------------------------------------------------------------------- helpers
-class _Convergence(Callback):
-    """scikit-learn's stopping rule for MLPs, as a fit callback.
-
-    An epoch *improves* when the monitored value beats the best so far by more
-    than ``tol``; training stops once more than ``n_iter_no_change`` epochs in
-    a row did not improve.  With ``restore_best`` the weights of the best epoch
-    are put back at the end (scikit-learn does so under early stopping).
-
-    Parameters
-    ----------
-    key : str
-        History attribute to watch (``'train_loss'``, ``'valid_acc'``, ``'valid_score'``).
-    maximize : bool
-        Whether larger is better.
-    tol : float
-    n_iter_no_change : int
-    restore_best : bool
-    """
-
-    def __init__(self, key: str, *, maximize: bool, tol: float, n_iter_no_change: int, restore_best: bool) -> None:
-        self.key = key
-        self.maximize = maximize
-        self.tol = tol
-        self.n_iter_no_change = n_iter_no_change
-        self.restore_best = restore_best
-        self.on_train_begin(None, None)  # type: ignore[arg-type]
-
-    def __repr__(self) -> str:
-        return (f"_Convergence(key={self.key!r}, maximize={self.maximize}, tol={self.tol}, "
-                f"n_iter_no_change={self.n_iter_no_change}, restore_best={self.restore_best})")  # fmt: skip
-
-    def on_train_begin(self, net: Any, history: Any) -> None:
-        self.best = -np.inf if self.maximize else np.inf
-        self.best_epoch: int | None = None
-        self.best_params: tuple[list[np.ndarray], list[np.ndarray]] | None = None
-        self.count = 0
-        self.converged = False
-
-    def on_epoch_end(self, net: Any, history: Any) -> bool:
-        v = float(getattr(history, self.key)[-1])
-        # written so that a NaN (e.g. R² of a one-sample validation set) counts as no improvement
-        if self.maximize:
-            stalled, better = not v >= self.best + self.tol, v > self.best
-        else:
-            stalled, better = not v <= self.best - self.tol, v < self.best
-        self.count = self.count + 1 if stalled else 0
-        if better:
-            self.best, self.best_epoch = v, history.epoch[-1]
-            if self.restore_best:
-                self.best_params = net.get_params()
-                history.best_epoch = self.best_epoch
-        if self.count > self.n_iter_no_change:
-            self.converged = True
-            history.stopped_epoch = history.epoch[-1]
-            return True
-        return False
-
-    def on_train_end(self, net: Any, history: Any) -> None:
-        if self.restore_best and self.best_params is not None:
-            net.set_params(*self.best_params)
-            if hasattr(history, "restored_best"):
-                history.restored_best = True
+_STOCHASTIC_SOLVERS = ("sgd", "adam")
+#: scikit-learn's activation names -> fastmlp's
+_ACT = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+#: an n_iter_no_change of inf never stops
+_NEVER = 2**62
 
 
 def _in_joblib_worker() -> bool:
@@ -142,773 +77,803 @@ def _in_joblib_worker() -> bool:
     return (getattr(backend, "nesting_level", 0) or 0) >= 1
 
 
-#: modules whose ``NUM_THREADS`` global sets the threads of a compiled ``train_epoch`` (read at each call)
-_EPOCH_THREAD_KNOBS = ("fastmlp.config", "fastmlp.backends.cython")
+class _SolverRate:
+    """The SGD/Adam solver's learning rate as scikit-learn's optimizers change it.
 
-
-_limit_lock = threading.Lock()
-_limit_depth = 0
-_limit_stack: ExitStack | None = None
-
-
-@contextmanager
-def _limit_threads(n: int | None) -> Iterator[None]:
-    """Cap BLAS/OpenMP (threadpoolctl), Numba and the compiled backends' epoch threads at ``n``; restore after.
-
-    The compiled backends choose their own thread count per epoch from a
-    module-level ``NUM_THREADS`` (``$FASTMLP_NUM_THREADS``), which is set here
-    for the duration.  These settings (and BLAS's) are process-wide, so
-    concurrent callers in one process (joblib's threading backend) share them:
-    the first one in sets the cap, the last one out restores the previous
-    values.  BLAS and OpenMP are capped only when the first caller is the main
-    thread (loky workers run tasks there); Numba's own thread count is per
-    thread and set per call.
+    ``constant``: ``learning_rate_init``; ``invscaling``: after each epoch
+    ``learning_rate_init / (t_ + 1) ** power_t`` with ``t_`` the samples seen;
+    ``adaptive``: divided by 5 when the stopping rule runs out of patience
+    (:meth:`on_plateau`), until it is at most 1e-6.  Lives as long as
+    scikit-learn's ``_optimizer`` (a new one at each ``fit``, kept by ``partial_fit``).
     """
-    global _limit_depth, _limit_stack
-    if n is None:
-        yield
-        return
-    with _limit_lock:
-        if _limit_depth == 0:
-            _limit_stack = _enter_process_limits(n)
-        _limit_depth += 1
-    numba = sys.modules.get("numba")  # only when already imported (the numba backend loaded it)
-    old_numba = None
-    try:
-        if numba is not None:
-            old_numba = numba.get_num_threads()
-            numba.set_num_threads(max(1, min(n, int(numba.config.NUMBA_NUM_THREADS))))
-        yield
-    finally:
-        if old_numba is not None:
-            numba.set_num_threads(old_numba)
-        with _limit_lock:
-            _limit_depth -= 1
-            if _limit_depth == 0 and _limit_stack is not None:
-                _limit_stack.close()
-                _limit_stack = None
+
+    def __init__(self, init: float, schedule: str, power_t: float) -> None:
+        self.init, self.schedule, self.power_t = float(init), schedule, float(power_t)
+        self.lr = float(init)
+        #: samples seen (the estimator's ``t_``) and rows of an epoch, set before each fit
+        self.t = 0
+        self.n_samples = 0
+
+    def __repr__(self) -> str:
+        return f"_SolverRate({self.schedule!r}, lr={self.lr:g})"
+
+    def epoch_lrs(self, epoch: int, n_steps: int) -> np.ndarray:
+        return np.full(n_steps, self.lr)
+
+    def step_epoch(self, history: Any) -> None:
+        """scikit-learn's ``iteration_ends(t_)``, after the epoch's stopping check."""
+        self.t += self.n_samples
+        if self.schedule == "invscaling":
+            self.lr = self.init / (self.t + 1) ** self.power_t
+
+    def on_plateau(self) -> bool:
+        """scikit-learn's ``trigger_stopping``: True to go on (the rate was divided by 5)."""
+        if self.schedule != "adaptive" or self.lr <= 1e-6:
+            return False
+        self.lr /= 5.0
+        return True
 
 
-def _enter_process_limits(n: int) -> ExitStack:
-    stack = ExitStack()
-    if threading.current_thread() is threading.main_thread():
-        # OpenBLAS (0.3.30, pthreads) ignores openblas_set_num_threads from other threads, at times only
-        # the restore: a limit set or undone off the main thread could leave BLAS pinned for the process
-        from threadpoolctl import threadpool_limits
+class _Verbose(Callback):
+    """scikit-learn's verbose lines."""
 
-        stack.enter_context(threadpool_limits(limits=n))
-    for mod in map(sys.modules.get, _EPOCH_THREAD_KNOBS):
-        if mod is not None and hasattr(mod, "NUM_THREADS"):
-            stack.callback(setattr, mod, "NUM_THREADS", mod.NUM_THREADS)
-            mod.NUM_THREADS = n
-    return stack
+    def __init__(self, early: bool) -> None:
+        self.early = early
+        self.done = 0
 
-
-def _check_real(value: Any, name: str, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> float:  # fmt: skip
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    v = float(value)
-    if low is not None and (v < low or (low_open and v == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
-    if high is not None and (v > high or (high_open and v == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {v}")
-    return v
+    def on_epoch_end(self, net: Any, history: Any) -> bool:
+        self.done += 1
+        print(f"Iteration {self.done}, loss = {history.train_loss[-1]:.8f}")
+        if self.early:
+            print(f"Validation score: {history.valid_score[-1]:f}")
+        return False
 
 
-def _check_integer(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+class _BaseMLP(BaseEstimator):
+    """What scikit-learn's ``BaseMultilayerPerceptron`` does, on a :class:`fastmlp.Network`."""
 
+    _parameter_constraints: ClassVar[dict] = {
+        "hidden_layer_sizes": ["array-like", Interval(numbers.Integral, 1, None, closed="left")],
+        "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
+        "solver": [StrOptions({"lbfgs", "sgd", "adam"})],
+        "alpha": [Interval(numbers.Real, 0, None, closed="left")],
+        "batch_size": [StrOptions({"auto"}), Interval(numbers.Integral, 1, None, closed="left")],
+        "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
+        "learning_rate_init": [Interval(numbers.Real, 0, None, closed="neither")],
+        "power_t": [Interval(numbers.Real, 0, None, closed="left")],
+        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+        "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+        "momentum": [Interval(numbers.Real, 0, 1, closed="both")],
+        "nesterovs_momentum": ["boolean"],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(numbers.Real, 0, 1, closed="left")],
+        "beta_1": [Interval(numbers.Real, 0, 1, closed="left")],
+        "beta_2": [Interval(numbers.Real, 0, 1, closed="left")],
+        "epsilon": [Interval(numbers.Real, 0, None, closed="neither")],
+        "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left"), Options(numbers.Real, {np.inf})],
+        "max_fun": [Interval(numbers.Integral, 1, None, closed="left")],
+        # fastmlp's own
+        "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
+        "input_dropout": [Interval(numbers.Real, 0, 1, closed="left")],
+        "l1": [Interval(numbers.Real, 0, None, closed="left")],
+        "dtype": [None, StrOptions({"float32", "float64"}), type, np.dtype],
+        "backend": [StrOptions({"auto", "cython", "numba", "numpy"})],
+        "n_threads": [None, Interval(numbers.Integral, 1, None, closed="left")],
+        "callbacks": [None, list, tuple],
+    }
 
-# ---------------------------------------------------------------------- base
-class _BaseFastMLP(BaseEstimator):
-    """Parameter checks, seeding, threads, pickling and the fit bookkeeping shared by both estimators."""
+    # ---------------------------------------------------------------- fitted attributes (views of the network)
+    @property
+    def coefs_(self) -> list[np.ndarray]:
+        """Weight matrices ``(fan_in, fan_out)`` of each layer (views of the network's ``W.T``)."""
+        if "network_" not in self.__dict__:
+            raise AttributeError("coefs_")
+        return [W.T for W in self.network_.weights]
 
-    _output: str
-    _loss: str
+    @coefs_.setter
+    def coefs_(self, value: Sequence[np.ndarray]) -> None:
+        check_is_fitted(self)
+        self.network_.set_params([np.asarray(c).T for c in value], self.network_.biases)
 
-    # ---------------------------------------------------------------- parameters
-    def _hidden_sizes(self) -> list[int]:
-        h = self.hidden_layer_sizes
-        if isinstance(h, numbers.Integral) and not isinstance(h, bool):
-            h = (h,)
-        if isinstance(h, (str, bytes)) or not isinstance(h, Sequence | np.ndarray):
-            raise TypeError(f"hidden_layer_sizes must be an int or a sequence of ints, got {h!r}")
-        return [_check_integer(s, "hidden_layer_sizes", 1) for s in h]
+    @property
+    def intercepts_(self) -> list[np.ndarray]:
+        """Bias vectors ``(fan_out,)`` of each layer (the network's arrays)."""
+        if "network_" not in self.__dict__:
+            raise AttributeError("intercepts_")
+        return list(self.network_.biases)
 
-    def _check_hyperparameters(self) -> None:
-        self._hidden_sizes()
-        if self.batch_size is not None:
-            _check_integer(self.batch_size, "batch_size", 1)
-        if not hasattr(self.learning_rate, "epoch_lrs"):
-            _check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True)
-        _check_integer(self.max_iter, "max_iter", 1)
-        _check_real(self.tol, "tol", low=0.0)
-        for name in ("l1", "l2"):
-            _check_real(getattr(self, name), name, low=0.0)
-        for name in ("dropout", "input_dropout"):
-            _check_real(getattr(self, name), name, low=0.0, high=1.0, high_open=True)
-        if self.dropout_scaling not in ("inverted", "predict"):
-            raise ValueError(f"dropout_scaling must be 'inverted' or 'predict', got {self.dropout_scaling!r}")
-        if not isinstance(self.early_stopping, (bool, np.bool_)):
-            raise TypeError(f"early_stopping must be a bool, got {self.early_stopping!r}")
-        _check_real(self.validation_fraction, "validation_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_integer(self.n_iter_no_change, "n_iter_no_change", 1)
-        self._dtype_name()
-        if self.n_threads is not None:
-            _check_integer(self.n_threads, "n_threads", 1)
-        if self.on_divergence not in ("raise", "stop"):
-            raise ValueError(f"on_divergence must be 'raise' or 'stop', got {self.on_divergence!r}")
-        for cb in self.callbacks or []:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be fastmlp.callbacks.Callback instances, got {type(cb).__name__}")
-        get_backend(self.backend)  # unknown or unavailable backends fail here, before any work
+    @intercepts_.setter
+    def intercepts_(self, value: Sequence[np.ndarray]) -> None:
+        check_is_fitted(self)
+        self.network_.set_params(self.network_.weights, list(value))
 
+    # ---------------------------------------------------------------- helpers
     def _threads(self) -> int | None:
         """The thread cap for this call: ``n_threads``, else 1 inside a joblib worker, else none."""
         if self.n_threads is not None:
             return int(self.n_threads)
         return 1 if _in_joblib_worker() else None
 
-    def _new_seed(self) -> int:
-        rs = self.random_state
-        if isinstance(rs, numbers.Integral) and not isinstance(rs, bool):
-            check_random_state(rs)  # sklearn's range check: [0, 2**32)
-            return int(rs)
-        return int(check_random_state(rs).randint(0, np.iinfo(np.int32).max))
-
-    def _dtype_name(self) -> str | None:
+    def _dtype(self, X_dtype: np.dtype) -> np.dtype:
         if self.dtype is None:
-            return None
-        try:
-            name = np.dtype(self.dtype).name
-        except TypeError:
-            name = None
+            return np.dtype(np.float32) if X_dtype == np.float32 else np.dtype(np.float64)
+        name = np.dtype(self.dtype).name
         if name not in ("float32", "float64"):
             raise ValueError(f"dtype must be None, 'float32' or 'float64', got {self.dtype!r}")
-        return name
+        return np.dtype(name)
 
-    def _fit_dtype(self, reuse: bool) -> Any:
-        return self.network_.dtype if reuse else _FIT_DTYPES[self._dtype_name()]
+    def _hidden(self) -> list[int]:
+        h = self.hidden_layer_sizes
+        if not hasattr(h, "__iter__"):
+            h = [h]
+        h = list(h)
+        if np.any(np.array(h) <= 0):
+            raise ValueError(f"hidden_layer_sizes must be > 0, got {h}.")
+        return [int(v) for v in h]
 
-    def _copies(self) -> tuple[Any, list[Callback]]:
-        """Fresh copies of the (possibly stateful) schedule and callbacks: fit never mutates its parameters."""
-        lr = self.learning_rate
-        lr = copy.deepcopy(lr) if hasattr(lr, "epoch_lrs") else float(lr)
-        return lr, [copy.deepcopy(cb) for cb in (self.callbacks or [])]
+    def _output(self, y: np.ndarray) -> tuple[str, str, str]:
+        """``(out_activation_, fastmlp output, fastmlp loss)`` for the binarized/2-D targets ``y``."""
+        if not is_classifier(self):
+            return ("exp", "exp", "poisson") if self.loss == "poisson" else ("identity", "identity", "squared_error")
+        if self._label_binarizer.y_type_ == "multiclass":
+            return "softmax", "softmax", "ce"
+        return "logistic", "sigmoid", "ce"
 
-    def _record(self, hist: History | RegressionHistory, n_train: int, valid_scores: list[float] | None,
-                reuse: bool) -> None:  # fmt: skip
-        if not reuse:
+    def _initialize(self, y: np.ndarray, layer_units: list[int], dtype: np.dtype) -> None:
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.n_outputs_ = y.shape[1]
+        self.n_layers_ = len(layer_units)
+        self.out_activation_, output, loss = self._output(y)
+        weights, biases = init_params(layer_units, "glorot", _ACT[self.activation], self._random_state, dtype)
+        net = Network(layer_units, activation=_ACT[self.activation], output=output, loss=loss, dtype=dtype,
+                      backend=self.backend, init="glorot", seed=0)  # fmt: skip
+        net.weights, net.biases = weights, biases
+        self.network_ = net
+        for name in ("_rate", "_stopper"):
+            self.__dict__.pop(name, None)
+        if self.solver in _STOCHASTIC_SOLVERS:
             self.loss_curve_: list[float] = []
-            self.validation_scores_: list[float] | None = [] if valid_scores is not None else None
-            self.n_iter_ = 0
-            self.t_ = 0
+            if self.early_stopping:
+                self.validation_scores_: list[float] | None = []
+                self.best_validation_score_: float | None = -np.inf
+                self.best_loss_: float | None = None
+            else:
+                self.best_loss_ = np.inf
+                self.validation_scores_ = None
+                self.best_validation_score_ = None
+
+    def _targets(self, y: np.ndarray) -> np.ndarray:
+        """The network's targets of the 2-D (binarized) ``y``: labels for binary/multiclass, else dense."""
+        if is_classifier(self) and self._label_binarizer.y_type_ != "multilabel-indicator":
+            return y[:, 0].astype(np.int64) if y.shape[1] == 1 else np.argmax(y, axis=1)
+        return y.astype(self.network_.dtype)
+
+    # ---------------------------------------------------------------- fit
+    def _fit(self, X: Any, y: Any, sample_weight: Any = None, incremental: bool = False) -> _BaseMLP:
+        hidden = self._hidden()
+        first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+        X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        if hasattr(X, "toarray"):  # sparse input: the kernels take dense rows
+            X = X.toarray()
+        dtype = self.network_.dtype if not first_pass else self._dtype(X.dtype)
+        X = np.ascontiguousarray(X, dtype=dtype)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X)
+        if y.ndim == 1:
+            y = y.reshape((-1, 1))
+        self.n_outputs_ = y.shape[1]
+        layer_units = [X.shape[1], *hidden, self.n_outputs_]
+        self._random_state = check_random_state(self.random_state)
+        if first_pass:
+            self._initialize(y, layer_units, dtype)
+        elif [self.network_.n_features, *self.network_.layers[1:]] != layer_units:
+            raise ValueError(f"the fitted network has layers {self.network_.layers} but this data and "
+                             f"hidden_layer_sizes give {layer_units}; fit with warm_start=False to start afresh")  # fmt: skip
+        with _threads.thread_limit(self._threads()):
+            if self.solver in _STOCHASTIC_SOLVERS:
+                self._fit_stochastic(X, y, sample_weight, incremental)
+            else:
+                self._fit_lbfgs(X, y, sample_weight)
+        if not all(np.isfinite(w).all() for w in (*self.network_.weights, *self.network_.biases)):
+            raise ValueError("Solver produced non-finite parameter weights. The input data may contain large values "
+                             "and need to be preprocessed.")  # fmt: skip
+        return self
+
+    def _fit_stochastic(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None, incremental: bool) -> None:
+        net = self.network_
+        new_optimizer = not incremental or "_rate" not in self.__dict__
+        if new_optimizer:
+            net.optimizer_state_ = None  # scikit-learn creates a new optimizer: zero velocities/moments, t = 0
+            self._rate = _SolverRate(self.learning_rate_init, self.learning_rate if self.solver == "sgd" else "constant",
+                                     self.power_t)  # fmt: skip
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        early = self.early_stopping
+        sw_train = sw_val = X_val = y_val = None
+        if early:
+            stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
+            if sample_weight is None:
+                X_train, X_val, y_train, y_val = train_test_split(
+                    X, y, random_state=self._random_state, test_size=self.validation_fraction, stratify=stratify)
+            else:
+                X_train, X_val, y_train, y_val, sw_train, sw_val = train_test_split(
+                    X, y, sample_weight, random_state=self._random_state, test_size=self.validation_fraction,
+                    stratify=stratify)  # fmt: skip
+            if X_val.shape[0] < 2:
+                raise ValueError("The validation set is too small. Increase 'validation_fraction' or the size of "
+                                 "your dataset.")  # fmt: skip
+        else:
+            X_train, y_train, sw_train = X, y, sample_weight
+        n_samples = X_train.shape[0]
+        if self.batch_size == "auto":
+            batch_size = min(200, n_samples)
+        else:
+            if self.batch_size > n_samples:
+                warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped",
+                              stacklevel=3)  # fmt: skip
+            batch_size = int(np.clip(self.batch_size, 1, n_samples))
+        sample_idx = np.arange(n_samples, dtype=int)
+        rs = self._random_state
+
+        def orders(epoch: int) -> np.ndarray:  # scikit-learn reshuffles the previous order each epoch
+            nonlocal sample_idx
+            if self.shuffle:
+                sample_idx = shuffle(sample_idx, random_state=rs)
+            return sample_idx
+
+        stopper = self.__dict__.get("_stopper")
+        if stopper is None:  # a cold start: scikit-learn's count and best value start afresh
+            patience = _NEVER if self.n_iter_no_change == np.inf else int(self.n_iter_no_change)
+            stopper = EarlyStopping(patience=patience, min_delta=float(self.tol),
+                                    monitor="valid_score" if early else "train_loss", restore_best=early,
+                                    convention="sklearn", on_plateau=self._on_plateau, keep_state=True)  # fmt: skip
+            self._stopper = stopper
+        rate = self._rate
+        rate.t, rate.n_samples = self.t_, n_samples
+        opt = SGD(momentum=float(self.momentum), nesterov=bool(self.nesterovs_momentum)) if self.solver == "sgd" \
+            else Adam(beta1=float(self.beta_1), beta2=float(self.beta_2), eps=float(self.epsilon))  # fmt: skip
+        cbs: list[Callback] = [_Verbose(early)] if self.verbose else []
+        cbs += [*(self.callbacks or []), stopper]
+        Y_train = self._targets(y_train)
+        Y_val = None if y_val is None else self._targets(y_val)
+        self.n_iter_ = 0
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # the batch-size clip was warned about above
+                hist = net.fit(
+                    X_train, Y_train, epochs=1 if incremental else int(self.max_iter), batch_size=batch_size,
+                    lr=rate, optimizer=opt, X_valid=X_val, y_valid=Y_val, sample_weight=sw_train,
+                    valid_sample_weight=sw_val, shuffle=orders, verbose=False, alpha=float(self.alpha),
+                    l1=float(self.l1), dropout=float(self.dropout), input_dropout=float(self.input_dropout),
+                    callbacks=cbs, on_divergence="raise",
+                )  # fmt: skip
+        except FloatingPointError:
+            raise ValueError("Solver produced non-finite parameter weights. The input data may contain large values "
+                             "and need to be preprocessed.") from None  # fmt: skip
+        self.n_iter_ = len(hist.epoch)
+        self.t_ += n_samples * len(hist.epoch)
+        if hist.train_loss:
+            self.loss_ = float(hist.train_loss[-1])
         self.loss_curve_.extend(hist.train_loss)
-        if valid_scores is not None:
-            if self.validation_scores_ is None:
-                self.validation_scores_ = []
-            self.validation_scores_.extend(valid_scores)
-        self.n_iter_ += len(hist.epoch)
-        self.t_ += n_train * len(hist.epoch)
-        self.best_loss_ = float(min(self.loss_curve_)) if self.loss_curve_ else np.inf
-        self.best_validation_score_ = float(max(self.validation_scores_)) if self.validation_scores_ else None
+        if early:
+            self.validation_scores_.extend(hist.valid_score or [])  # type: ignore[union-attr]
+            self.best_validation_score_ = float(stopper.rule.best)
+        else:
+            self.best_loss_ = float(stopper.rule.best)
         self.history_ = hist
+        if hist.interrupted:
+            warnings.warn("Training interrupted by user.", stacklevel=3)
+        elif not incremental and hist.stopped_epoch is None and self.n_iter_ == self.max_iter:
+            warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the optimization "
+                          "hasn't converged yet.", ConvergenceWarning, stacklevel=3)  # fmt: skip
 
-    def _stopper(self, incremental: bool) -> _Convergence | None:
-        if incremental:
-            return None
-        if self.early_stopping:
-            key = "valid_acc" if isinstance(self, ClassifierMixin) else "valid_score"
-            return _Convergence(key, maximize=True, tol=float(self.tol), n_iter_no_change=int(self.n_iter_no_change),
-                                restore_best=True)  # fmt: skip
-        return _Convergence("train_loss", maximize=False, tol=float(self.tol),
-                            n_iter_no_change=int(self.n_iter_no_change), restore_best=False)  # fmt: skip
+    def _fit_lbfgs(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None) -> None:
+        net = self.network_
+        Y = self._targets(y)
+        n = X.shape[0]
+        plan = plan_epoch(net.layers, net.dtype, batch_size=n, hidden=net.activation, output=net.output, loss=net.loss,
+                          target="labels" if Y.ndim == 1 else "dense", alpha=float(self.alpha), optimizer="gradient")  # fmt: skip
+        epochs = net.backend.prepare(X, Y, plan, sample_weight=sample_weight)
+        grads = OptimizerState.zeros("gradient", net.layers, net.dtype)
+        order = np.arange(n, dtype=np.int64)
+        shapes = [(W.shape, b.shape) for W, b in zip(net.weights, net.biases, strict=True)]
 
-    def _warn_not_converged(self, stopper: _Convergence | None, hist: History | RegressionHistory) -> None:
-        if (stopper is not None and not stopper.converged and not hist.diverged and not hist.interrupted
-                and len(hist.epoch) == self.max_iter):  # fmt: skip
-            warnings.warn(
-                f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the optimization hasn't converged yet.",
-                ConvergenceWarning,
-                stacklevel=4,
-            )
+        def unpack(theta: np.ndarray) -> None:
+            off = 0
+            Ws, bs = [], []
+            for (o, i), _ in shapes:  # scikit-learn's order: every coef (fan_in, fan_out), then every intercept
+                Ws.append(theta[off : off + i * o].reshape(i, o).T)
+                off += i * o
+            for _, (o,) in shapes:
+                bs.append(theta[off : off + o])
+                off += o
+            for W, Wn in zip(net.weights, Ws, strict=True):
+                W[...] = Wn
+            for b, bn in zip(net.biases, bs, strict=True):
+                b[...] = bn
 
-    def _split(self, X: np.ndarray, y: np.ndarray, seed: int, stratify: bool) -> tuple[np.ndarray, ...]:
-        """Hold out ``validation_fraction`` of the rows for early stopping (stratified for classifiers when possible)."""
-        if X.shape[0] < 2:
-            raise ValueError(f"early_stopping cannot hold out a validation set from {X.shape[0]} sample(s)")
-        kw: dict[str, Any] = {"test_size": self.validation_fraction, "random_state": seed}
-        if stratify:
-            try:
-                return tuple(train_test_split(X, y, stratify=y, **kw))
-            except ValueError:
-                pass  # a class too small to split: fall back to a plain random split
-        return tuple(train_test_split(X, y, **kw))
+        def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            unpack(theta)
+            if not all(np.isfinite(a).all() for a in (*net.weights, *net.biases)):
+                return np.inf, np.zeros_like(theta)
+            with np.errstate(over="ignore", invalid="ignore"):
+                stats = epochs(order, (net.weights, net.biases), grads, 1.0)
+            loss = (stats.loss_sum + stats.penalty_sum) / n
+            g = np.concatenate([gW.T.ravel() for gW in grads.weights[0]] + [gb for gb in grads.biases[0]])
+            return loss, g
 
-    def _network(self, n_in: int, n_out: int, dtype: Any, seed: int) -> Network:
-        return Network([n_in, *self._hidden_sizes(), n_out], activation=self.activation, output=self._output,
-                       loss=self._loss, dtype=np.dtype(dtype).name, backend=self.backend, seed=seed)  # fmt: skip
+        theta0 = np.concatenate([W.T.ravel() for W in net.weights] + [b for b in net.biases])
+        iprint = 1 if self.verbose is True or self.verbose >= 1 else -1
+        options = {"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol}
+        from sklearn.utils.fixes import _get_additional_lbfgs_options_dict
 
-    def _validate_predict_X(self, X: Any) -> np.ndarray:
+        options.update(_get_additional_lbfgs_options_dict("iprint", iprint))
+        res = scipy.optimize.minimize(loss_grad, theta0, method="L-BFGS-B", jac=True, options=options)
+        self.n_iter_ = _check_optimize_result("lbfgs", res, self.max_iter)
+        self.loss_ = float(res.fun)
+        unpack(np.asarray(res.x, dtype=net.dtype))
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> _BaseMLP:
+        """Fit the model to data matrix X and target(s) y.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            The target values (class labels in classification, real numbers in regression).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights: each minibatch's output deltas are multiplied by them and the
+            gradient is normalised by their sum.
+
+        Returns
+        -------
+        self : object
+            Returns a trained MLP model.
+        """
+        return self._fit(X, y, sample_weight=sample_weight, incremental=False)
+
+    def _on_plateau(self) -> bool:
+        """The stopping rule ran out of patience: ``learning_rate='adaptive'`` divides the rate and goes on."""
+        return self._rate.on_plateau()
+
+    def _check_solver(self) -> bool:
+        if self.solver not in _STOCHASTIC_SOLVERS:
+            raise AttributeError(f"partial_fit is only available for stochastic optimizers. {self.solver} is not "
+                                 "stochastic.")  # fmt: skip
+        return True
+
+    def _predict_X(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=self.network_.dtype, order="C")
+        net = self.network_
+        # the fast road for the common case (a plain array of the network's dtype, fitted without feature names);
+        # everything else goes through scikit-learn's checks
+        if not (type(X) is np.ndarray and X.ndim == 2 and X.dtype == net.dtype and X.shape[1] == self.n_features_in_
+                and "feature_names_in_" not in self.__dict__):  # fmt: skip
+            X = validate_data(self, X, accept_sparse=["csr", "csc"], reset=False)
+            if hasattr(X, "toarray"):
+                X = X.toarray()
+        return X
 
-    # ---------------------------------------------------------------- pickling
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())  # object.__getstate__ may return __dict__ itself
-        net = state.get("network_")
-        if isinstance(net, Network):
-            # a Network holds its backend, which holds a kernel module (not picklable): store the name instead
-            attrs = {k: (_BackendName(v.name) if isinstance(v, Backend) else v) for k, v in vars(net).items()}
-            state["network_"] = _PickledNetwork(attrs)
-        return state
+    def _forward(self, X: Any) -> np.ndarray:
+        X = self._predict_X(X)
+        with _threads.thread_limit(self._threads()):
+            return self.network_.predict_proba(X)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        net = state.get("network_")
-        if isinstance(net, _PickledNetwork):
-            rebuilt = Network.__new__(Network)
-            for k, v in net.attrs.items():
-                if isinstance(v, _BackendName):
-                    try:
-                        v = get_backend(v.name)
-                    except ImportError as exc:
-                        warnings.warn(f"{exc}; the unpickled estimator uses backend 'auto' instead", RuntimeWarning,
-                                      stacklevel=2)  # fmt: skip
-                        v = get_backend("auto")
-                setattr(rebuilt, k, v)
-            state = {**state, "network_": rebuilt}
-        super().__setstate__(state)
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
 
 
-@dataclass(frozen=True)
-class _BackendName:
-    """A backend, pickled by name."""
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    #: the loss (not a parameter): log-loss, binary per unit for binary and multi-label targets
+    loss = "log_loss"
 
-    name: str
+    __doc__ = """Multi-layer perceptron classifier: scikit-learn's ``MLPClassifier`` on fastmlp's compiled kernels.
 
-
-@dataclass(frozen=True)
-class _PickledNetwork:
-    """A Network's attributes, its backend replaced by a :class:`_BackendName`."""
-
-    attrs: dict[str, Any]
-
-
-_PARAMS_DOC = """
-    hidden_layer_sizes : int or sequence of int, default=(50,)
-        Units of each hidden layer; ``()`` gives no hidden layer.
-    activation : {{'relu', 'sigmoid', 'tanh', 'identity'}}, default='relu'
-        Hidden-layer activation.{extra}
-    batch_size : int or None, default=100
-        Minibatch size (capped at the number of samples); ``None``: full batch.
-    learning_rate : float or schedule, default={lr}
-        SGD step size, or a schedule object with ``epoch_lrs(epoch, n_steps)``
-        (e.g. from :mod:`fastmlp.schedules`), deep-copied at each fit.
-    max_iter : int, default=200
-        Maximum number of epochs of one ``fit``.
-    tol : float, default=1e-4
-        Improvement needed to reset the patience counter (training loss, or the
-        validation score under ``early_stopping``), as in scikit-learn's MLPs.
-    l1, l2 : float, default=0.0
-        Penalties ``l1·‖W‖₁`` and ``½·l2·‖W‖²`` on the weights (not the biases).
-    dropout, input_dropout : float, default=0.0
-        Drop probabilities of hidden units and of input features, in ``[0, 1)``.
-    dropout_scaling : {{'inverted', 'predict'}}, default='inverted'
-        As :func:`fastmlp.training.fit`.
-    shuffle : bool, default=True
-        Visit the samples in a new random order each epoch.
-    early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the training data{strat}, stop when
-        its score ({score}) has not improved by ``tol`` for more than
-        ``n_iter_no_change`` epochs, and keep the best epoch's weights.
-        Without it, training stops on the training loss by the same rule.
-    validation_fraction : float, default=0.1
-        Share of the training data held out under ``early_stopping``, in (0, 1).
-    n_iter_no_change : int, default=10
-        Patience (epochs) of both stopping rules.
-    warm_start : bool, default=False
-        Continue from the fitted weights on the next ``fit`` instead of starting anew.
-    dtype : {{None, 'float32', 'float64'}}, default=None
-        Network dtype; ``None`` takes float32 when ``X`` is float32, else float64.
-    backend : {{'auto', 'cython', 'numba', 'numpy'}}, default='auto'
-        Kernel backend (see :func:`fastmlp.get_backend`).
-    n_threads : int or None, default=None
-        Thread cap for BLAS/OpenMP/Numba during fit and predict; ``None``: no
-        cap in the main process, 1 inside a joblib worker (``n_jobs > 1``).
-    callbacks : list of fastmlp.callbacks.Callback, optional
-        Extra fit callbacks (deep-copied at each fit).
-    on_divergence : {{'raise', 'stop'}}, default='raise'
-        On a non-finite loss: raise ``FloatingPointError`` or warn and keep the
-        last finite weights.
-    random_state : int, RandomState instance or None, default=None
-        Seed of the initial weights, the shuffling, the dropout masks and the
-        validation split (see the module docstring for the exact use).
-    verbose : bool, default=False
-        Print one line per epoch."""
-
-_ATTRS_DOC = """
-    n_features_in_ : int
-        Number of features seen during fit.
-    feature_names_in_ : ndarray of str (n_features_in_,)
-        Feature names, when ``X`` had string column names.
-    network_ : fastmlp.Network
-        The trained network.
-    loss_curve_ : list of float
-        Training loss (with penalty) of each epoch, over all fits since the last cold start.
-    validation_scores_ : list of float or None
-        Validation {score} of each epoch under ``early_stopping``, else ``None``.
-    best_loss_ : float
-        Smallest value of ``loss_curve_``.
-    best_validation_score_ : float or None
-        Largest value of ``validation_scores_``.
-    n_iter_ : int
-        Epochs run since the last cold start.
-    t_ : int
-        Training samples seen (``n_train * epochs``) since the last cold start.
-    n_threads_ : int or None
-        Thread cap used by the last fit.
-    history_ : History or RegressionHistory
-        The per-epoch record of the last fit."""
-
-
-# ---------------------------------------------------------------------- classifier
-class FastMLPClassifier(ClassifierMixin, _BaseFastMLP):
-    __doc__ = (
-        """Multilayer perceptron classifier trained by minibatch SGD on fastmlp's kernels.
+    Parameters are scikit-learn's (see ``sklearn.neural_network.MLPClassifier``),
+    with the same defaults and meaning, plus fastmlp's own options.
 
     Parameters
-    ----------"""
-        + _PARAMS_DOC.format(
-            extra="""
-    output : {'softmax', 'sigmoid'}, default='softmax'
-        Output activation (one unit per class; two for binary problems).
-    loss : {'ce', 'mse'}, default='ce'
-        Cross-entropy, or the classic notebook's squared error (with ``output='sigmoid'``).""",
-            lr="0.1",
-            strat=" (stratified when every class allows it)",
-            score="accuracy",
-        )
-        + """
+    ----------
+    hidden_layer_sizes : array-like of shape (n_layers - 2,), default=(100,)
+        The ith element represents the number of neurons in the ith hidden layer.
+    activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
+        Activation function for the hidden layers.
+    solver : {'lbfgs', 'sgd', 'adam'}, default='adam'
+        The solver for weight optimization.
+    alpha : float, default=0.0001
+        Strength of the L2 regularization term, divided by the sample size when added to the loss.
+    batch_size : int, default='auto'
+        Size of minibatches for stochastic optimizers; 'auto' is ``min(200, n_samples)``.
+    learning_rate : {'constant', 'invscaling', 'adaptive'}, default='constant'
+        Learning rate schedule for weight updates (sgd only).
+    learning_rate_init : float, default=0.001
+        The initial learning rate (sgd and adam).
+    power_t : float, default=0.5
+        The exponent for inverse scaling learning rate (sgd with 'invscaling').
+    max_iter : int, default=200
+        Maximum number of epochs (stochastic solvers) or iterations (lbfgs).
+    shuffle : bool, default=True
+        Whether to shuffle samples in each iteration (stochastic solvers).
+    random_state : int, RandomState instance, default=None
+        The initialisation, the early-stopping split and the shuffles.
+    tol : float, default=1e-4
+        Tolerance for the optimization.
+    verbose : bool, default=False
+        Print progress messages to stdout.
+    warm_start : bool, default=False
+        Reuse the solution of the previous call to fit as initialization.
+    momentum : float, default=0.9
+        Momentum for gradient descent update (sgd).
+    nesterovs_momentum : bool, default=True
+        Whether to use Nesterov's momentum (sgd, momentum > 0).
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training data and stop when its score stops improving.
+    validation_fraction : float, default=0.1
+        Share of the training data held out for early stopping.
+    beta_1, beta_2 : float, default=0.9, 0.999
+        Exponential decay rates of Adam's moment estimates.
+    epsilon : float, default=1e-8
+        Adam's numerical-stability term.
+    n_iter_no_change : int, default=10
+        Maximum number of epochs not meeting ``tol`` improvement.
+    max_fun : int, default=15000
+        Maximum number of loss function calls (lbfgs).
+    dropout, input_dropout : float, default=0.0
+        fastmlp: inverted dropout of hidden units and of input features while training.
+    l1 : float, default=0.0
+        fastmlp: L1 penalty ``l1·‖W‖₁`` as a step ``lr·l1·sign(W)``.
+    dtype : {None, 'float32', 'float64'}, default=None
+        fastmlp: the network's dtype; None keeps float32 input in float32, else float64.
+    backend : {'auto', 'cython', 'numba', 'numpy'}, default='auto'
+        fastmlp: the kernel backend.
+    n_threads : int or None, default=None
+        fastmlp: cap of the threads of fit and predict (None: 1 inside a joblib worker, else no cap).
+    callbacks : list of fastmlp.callbacks.Callback, default=None
+        fastmlp: extra fit callbacks.
 
     Attributes
     ----------
-    classes_ : ndarray (n_classes,)
-        Class labels (any sortable labels: strings, arbitrary integers ...),
-        output unit ``k`` standing for ``classes_[k]``."""
-        + _ATTRS_DOC.format(score="accuracy")
-        + """
+    classes_ : ndarray or list of ndarray of shape (n_classes,)
+    loss_ : float
+    best_loss_ : float or None
+    loss_curve_ : list of shape (n_iter_,)
+    validation_scores_ : list of shape (n_iter_,) or None
+    best_validation_score_ : float or None
+    t_ : int
+    coefs_ : list of shape (n_layers - 1,)
+        ``coefs_[i]`` is ``(fan_in, fan_out)``: views of the network's weights.
+    intercepts_ : list of shape (n_layers - 1,)
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+    n_iter_ : int
+        Epochs run by the last call (1 after a ``partial_fit``), or lbfgs iterations.
+    n_layers_ : int
+    n_outputs_ : int
+    out_activation_ : str
+    network_ : fastmlp.Network
+        The trained network.
 
     Examples
     --------
     >>> from sklearn.datasets import load_digits
     >>> X, y = load_digits(return_X_y=True)
-    >>> clf = FastMLPClassifier(max_iter=20, random_state=0).fit(X / 16, y)
+    >>> clf = MLPClassifier(max_iter=30, random_state=0).fit(X / 16, y)
     >>> clf.score(X / 16, y) > 0.9
     True
     """
-    )
 
     def __init__(
         self,
-        hidden_layer_sizes: int | Sequence[int] = (50,),
+        hidden_layer_sizes: Any = (100,),
         activation: str = "relu",
-        output: str = "softmax",
-        loss: str = "ce",
-        batch_size: int | None = 100,
-        learning_rate: Any = 0.1,
+        *,
+        solver: str = "adam",
+        alpha: float = 0.0001,
+        batch_size: Any = "auto",
+        learning_rate: str = "constant",
+        learning_rate_init: float = 0.001,
+        power_t: float = 0.5,
         max_iter: int = 200,
-        tol: float = 1e-4,
-        l1: float = 0.0,
-        l2: float = 0.0,
-        dropout: float = 0.0,
-        input_dropout: float = 0.0,
-        dropout_scaling: str = "inverted",
         shuffle: bool = True,
+        random_state: Any = None,
+        tol: float = 1e-4,
+        verbose: bool = False,
+        warm_start: bool = False,
+        momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
-        n_iter_no_change: int = 10,
-        warm_start: bool = False,
-        dtype: str | None = None,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        n_iter_no_change: Any = 10,
+        max_fun: int = 15000,
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        l1: float = 0.0,
+        dtype: Any = None,
         backend: str = "auto",
         n_threads: int | None = None,
-        callbacks: Sequence[Callback] | None = None,
-        on_divergence: str = "raise",
-        random_state: Any = None,
-        verbose: bool = False,
+        callbacks: Any = None,
     ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
-        self.output = output
-        self.loss = loss
+        self.solver = solver
+        self.alpha = alpha
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
         self.max_iter = max_iter
-        self.tol = tol
-        self.l1 = l1
-        self.l2 = l2
-        self.dropout = dropout
-        self.input_dropout = input_dropout
-        self.dropout_scaling = dropout_scaling
         self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
-        self.warm_start = warm_start
+        self.max_fun = max_fun
+        self.dropout = dropout
+        self.input_dropout = input_dropout
+        self.l1 = l1
         self.dtype = dtype
         self.backend = backend
         self.n_threads = n_threads
         self.callbacks = callbacks
-        self.on_divergence = on_divergence
-        self.random_state = random_state
-        self.verbose = verbose
 
-    @property
-    def _output(self) -> str:  # type: ignore[override]
-        return self.output
-
-    @property
-    def _loss(self) -> str:  # type: ignore[override]
-        return self.loss
-
-    def __sklearn_tags__(self) -> Tags:
-        tags = super().__sklearn_tags__()
-        tags.classifier_tags.multi_label = False
-        return tags
-
-    def _check_hyperparameters(self) -> None:
-        super()._check_hyperparameters()
-        if not isinstance(self.output, str) or self.output not in ("softmax", "sigmoid"):
-            raise ValueError(f"output must be 'softmax' or 'sigmoid' for a classifier, got {self.output!r}")
-        if self.loss not in ("ce", "mse"):
-            raise ValueError(f"loss must be 'ce' or 'mse', got {self.loss!r}")
-
-    def fit(self, X: Any, y: Any) -> FastMLPClassifier:
-        """Train on ``(X, y)`` for up to ``max_iter`` epochs.
-
-        Parameters
-        ----------
-        X : array-like (n_samples, n_features)
-        y : array-like (n_samples,)
-            Class labels (strings or any integers).
-
-        Returns
-        -------
-        self
-        """
-        return self._fit(X, y, incremental=False)
-
-    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> FastMLPClassifier:
-        """One epoch over ``(X, y)``, continuing from the current weights.
-
-        Parameters
-        ----------
-        X : array-like (n_samples, n_features)
-        y : array-like (n_samples,)
-        classes : array-like (n_classes,), optional
-            All the labels that will ever appear; required on the first call.
-
-        Returns
-        -------
-        self
-        """
-        if not hasattr(self, "network_") and classes is None:
-            raise ValueError("classes must be passed on the first call to partial_fit.")
-        return self._fit(X, y, incremental=True, classes=classes)
-
-    def _fit(self, X: Any, y: Any, *, incremental: bool, classes: Any = None) -> FastMLPClassifier:
-        self._check_hyperparameters()
-        reuse = (incremental or self.warm_start) and hasattr(self, "network_")
-        X, y = validate_data(self, X, y, reset=not reuse, dtype=self._fit_dtype(reuse), order="C")
-        check_classification_targets(y)
-        if reuse:
-            known = self.classes_
-        elif classes is not None:
-            known = np.unique(np.asarray(classes))
+    def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool) -> tuple[Any, np.ndarray]:
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                             dtype=(np.float64, np.float32), reset=reset)  # fmt: skip
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        # Matrix of actions to be taken under the possible combinations (scikit-learn's):
+        # The case where incremental == True and classes_ not defined is already checked by _check_partial_fit_first_call
+        if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer()
+            self._label_binarizer.fit(y)
+            self.classes_ = self._label_binarizer.classes_
         else:
-            known = np.unique(y)
-        pos = np.searchsorted(known, y)
-        pos = np.minimum(pos, known.shape[0] - 1)
-        if not np.array_equal(known[pos], y):
-            unseen = np.setdiff1d(np.unique(y), known)
-            raise ValueError(f"y contains labels not in classes_ {known.tolist()}: {unseen.tolist()}")
-        y_enc = pos.astype(np.int64)
-        if reuse:
-            seed, fit_seed = self.network_.seed or 0, None
-        else:
-            self.classes_ = known
-            seed = self._new_seed()
-            fit_seed = seed
-            self.network_ = self._network(X.shape[1], known.shape[0], X.dtype, seed)
-        X_tr, y_tr, X_va, y_va = X, y_enc, None, None
-        if self.early_stopping and not incremental:
-            X_tr, X_va, y_tr, y_va = self._split(X, y_enc, seed, stratify=True)
-        lr, cbs = self._copies()
-        stopper = self._stopper(incremental)
-        self.n_threads_ = self._threads()
-        with _limit_threads(self.n_threads_):
-            hist = self.network_.fit(
-                X_tr, y_tr, epochs=1 if incremental else int(self.max_iter), batch_size=self.batch_size, lr=lr,
-                X_valid=X_va, y_valid=y_va, shuffle=bool(self.shuffle), seed=fit_seed, verbose=bool(self.verbose),
-                l2=float(self.l2), l1=float(self.l1), dropout=float(self.dropout),
-                input_dropout=float(self.input_dropout), dropout_scaling=self.dropout_scaling,
-                callbacks=[*cbs, *([stopper] if stopper else [])], on_divergence=self.on_divergence,
-            )  # fmt: skip
-        self.callbacks_ = cbs
-        self._record(hist, X_tr.shape[0], hist.valid_acc if X_va is not None else None, reuse)
-        self._warn_not_converged(stopper, hist)
-        return self
+            classes = unique_labels(y)
+            if self.warm_start:
+                if set(classes) != set(self.classes_):
+                    raise ValueError(
+                        "warm_start can only be used where `y` has the same classes as in the previous call to fit."
+                        f" Previously got {self.classes_}, `y` has {classes}"
+                    )
+            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
+                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. "
+                                 f"'y' has {classes}.")  # fmt: skip
+        y = self._label_binarizer.transform(y).astype(bool)
+        return X, y
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities.
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> MLPClassifier:
+        return self._fit(X, y, sample_weight=sample_weight, incremental=False)  # type: ignore[return-value]
 
-        Softmax outputs as they are; sigmoid outputs normalized to sum to one
-        per row.
-
-        Parameters
-        ----------
-        X : array-like (n_samples, n_features)
-
-        Returns
-        -------
-        ndarray (n_samples, n_classes)
-            Columns in the order of ``classes_``; the network's dtype.
-        """
-        X = self._validate_predict_X(X)
-        with _limit_threads(self._threads()):
-            P = self.network_.predict_proba(X)
-        if self.network_.output != "softmax":
-            P = P / np.maximum(P.sum(axis=1, keepdims=True), np.finfo(P.dtype).tiny)
-        return P
-
-    def predict_log_proba(self, X: Any) -> np.ndarray:
-        """Logarithm of :meth:`predict_proba` ``(n_samples, n_classes)``."""
-        with np.errstate(divide="ignore"):
-            return np.log(self.predict_proba(X))
+    fit.__doc__ = _BaseMLP.fit.__doc__
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted labels ``(n_samples,)``, drawn from ``classes_``.
+        """Predict using the multi-layer perceptron classifier.
 
         Parameters
         ----------
-        X : array-like (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+
+        Returns
+        -------
+        y : ndarray, shape (n_samples,) or (n_samples, n_classes)
+            The predicted classes.
         """
-        X = self._validate_predict_X(X)
-        with _limit_threads(self._threads()):
-            P = self.network_.predict_proba(X)
-        return self.classes_[np.argmax(P, axis=1)]
+        y_pred = self._forward(X)
+        if self.n_outputs_ == 1:
+            y_pred = y_pred.ravel()
+        return self._label_binarizer.inverse_transform(y_pred)
+
+    @available_if(lambda est: est._check_solver())
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X: Any, y: Any, sample_weight: Any = None, classes: Any = None) -> MLPClassifier:
+        """Update the model with a single iteration over the given data.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+        sample_weight : array-like of shape (n_samples,), default=None
+        classes : array of shape (n_classes,), default=None
+            Classes across all calls to partial_fit; required on the first call.
+
+        Returns
+        -------
+        self : object
+        """
+        if _check_partial_fit_first_call(self, classes):
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(classes)
+        return self._fit(X, y, sample_weight=sample_weight, incremental=True)  # type: ignore[return-value]
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """The log of :meth:`predict_proba`, ``(n_samples, n_classes)``."""
+        y_prob = self.predict_proba(X)
+        with np.errstate(divide="ignore"):
+            return np.log(y_prob, out=y_prob)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Probability estimates ``(n_samples, n_classes)``, columns in the order of ``classes_``."""
+        y_pred = self._forward(X)
+        if self.n_outputs_ == 1:
+            y_pred = y_pred.ravel()
+        if y_pred.ndim == 1:
+            return np.vstack([1 - y_pred, y_pred]).T
+        return y_pred
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
 
 
-# ---------------------------------------------------------------------- regressor
-class FastMLPRegressor(RegressorMixin, _BaseFastMLP):
-    __doc__ = (
-        """Multilayer perceptron regressor trained by minibatch SGD on fastmlp's kernels.
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multi-layer perceptron regressor: scikit-learn's ``MLPRegressor`` on fastmlp's compiled kernels.
 
-    The output layer is the identity and the loss the squared error summed over
-    the outputs, ``(1/n) Σ_i ‖f(x_i) − y_i‖²`` (its gradient ``2(A − Y)/n`` is
-    the library's MSE scaling); training composes the backend's ``forward``,
-    ``hidden_delta`` and ``inplace_update`` kernels
-    (:func:`fastmlp._regression.fit_regression`).  SGD on unscaled targets
-    diverges easily: standardize ``y`` (e.g. with
-    ``TransformedTargetRegressor``) and ``X`` (``StandardScaler``).
-
-    Parameters
-    ----------"""
-        + _PARAMS_DOC.format(
-            extra="""
-    standardize_y : bool, default=True
-        Train on ``(y − y_mean_) / y_scale_`` (per output; the scale of a
-        constant target is 1) and map predictions back, so that one learning
-        rate suits targets of any scale.  ``loss_curve_``, ``l1`` and ``l2``
-        then refer to the standardized problem.  ``False`` trains on ``y`` as
-        given.""",
-            lr="0.01",
-            strat="",
-            score="R²",
-        )
-        + """
-
-    Attributes
-    ----------
-    n_outputs_ : int
-        Number of targets.
-    y_mean_, y_scale_ : ndarray (n_outputs_,)
-        Target standardization (zeros and ones with ``standardize_y=False``);
-        computed by the first (cold) fit, or the first ``partial_fit`` batch."""
-        + _ATTRS_DOC.format(score="R²")
-        + """
+    Parameters are scikit-learn's (see ``sklearn.neural_network.MLPRegressor``;
+    ``loss`` is ``'squared_error'`` or ``'poisson'``) plus fastmlp's own, as
+    :class:`MLPClassifier`.  The output is the identity (exp for Poisson) and the
+    loss ``½ mean((y − ŷ)²)``; train on standardised targets (e.g. with
+    ``TransformedTargetRegressor``) as for scikit-learn's.
 
     Examples
     --------
     >>> rng = np.random.default_rng(0)
-    >>> X = rng.normal(size=(200, 3))
+    >>> X = rng.normal(size=(300, 3))
     >>> y = X @ [1.0, -2.0, 0.5]
-    >>> reg = FastMLPRegressor(hidden_layer_sizes=(), random_state=0).fit(X, y)
-    >>> reg.score(X, y) > 0.99
+    >>> reg = MLPRegressor(hidden_layer_sizes=(20,), max_iter=500, random_state=0).fit(X, y)
+    >>> reg.score(X, y) > 0.95
     True
     """
-    )
 
-    _output = "identity"
-    _loss = "mse"
+    _parameter_constraints: ClassVar[dict] = {
+        **_BaseMLP._parameter_constraints,
+        "loss": [StrOptions({"squared_error", "poisson"})],
+    }
 
     def __init__(
         self,
-        hidden_layer_sizes: int | Sequence[int] = (50,),
+        loss: str = "squared_error",
+        hidden_layer_sizes: Any = (100,),
         activation: str = "relu",
-        standardize_y: bool = True,
-        batch_size: int | None = 100,
-        learning_rate: Any = 0.01,
+        *,
+        solver: str = "adam",
+        alpha: float = 0.0001,
+        batch_size: Any = "auto",
+        learning_rate: str = "constant",
+        learning_rate_init: float = 0.001,
+        power_t: float = 0.5,
         max_iter: int = 200,
-        tol: float = 1e-4,
-        l1: float = 0.0,
-        l2: float = 0.0,
-        dropout: float = 0.0,
-        input_dropout: float = 0.0,
-        dropout_scaling: str = "inverted",
         shuffle: bool = True,
+        random_state: Any = None,
+        tol: float = 1e-4,
+        verbose: bool = False,
+        warm_start: bool = False,
+        momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
-        n_iter_no_change: int = 10,
-        warm_start: bool = False,
-        dtype: str | None = None,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        n_iter_no_change: Any = 10,
+        max_fun: int = 15000,
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        l1: float = 0.0,
+        dtype: Any = None,
         backend: str = "auto",
         n_threads: int | None = None,
-        callbacks: Sequence[Callback] | None = None,
-        on_divergence: str = "raise",
-        random_state: Any = None,
-        verbose: bool = False,
+        callbacks: Any = None,
     ) -> None:
+        self.loss = loss
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
-        self.standardize_y = standardize_y
+        self.solver = solver
+        self.alpha = alpha
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
         self.max_iter = max_iter
-        self.tol = tol
-        self.l1 = l1
-        self.l2 = l2
-        self.dropout = dropout
-        self.input_dropout = input_dropout
-        self.dropout_scaling = dropout_scaling
         self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
-        self.warm_start = warm_start
+        self.max_fun = max_fun
+        self.dropout = dropout
+        self.input_dropout = input_dropout
+        self.l1 = l1
         self.dtype = dtype
         self.backend = backend
         self.n_threads = n_threads
         self.callbacks = callbacks
-        self.on_divergence = on_divergence
-        self.random_state = random_state
-        self.verbose = verbose
 
-    def __sklearn_tags__(self) -> Tags:
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        return tags
+    def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool) -> tuple[Any, np.ndarray]:
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True, y_numeric=True,
+                             dtype=(np.float64, np.float32), reset=reset)  # fmt: skip
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if self.loss == "poisson" and np.any(y < 0):
+            raise ValueError("Some value(s) of y are negative which is not allowed for Poisson regression.")
+        return X, y
 
-    def fit(self, X: Any, y: Any) -> FastMLPRegressor:
-        """Train on ``(X, y)`` for up to ``max_iter`` epochs.
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> MLPRegressor:
+        return self._fit(X, y, sample_weight=sample_weight, incremental=False)  # type: ignore[return-value]
 
-        Parameters
-        ----------
-        X : array-like (n_samples, n_features)
-        y : array-like (n_samples,) or (n_samples, n_outputs)
-            Real targets.
-
-        Returns
-        -------
-        self
-        """
-        return self._fit(X, y, incremental=False)
-
-    def partial_fit(self, X: Any, y: Any) -> FastMLPRegressor:
-        """One epoch over ``(X, y)``, continuing from the current weights.
-
-        Parameters
-        ----------
-        X : array-like (n_samples, n_features)
-        y : array-like (n_samples,) or (n_samples, n_outputs)
-
-        Returns
-        -------
-        self
-        """
-        return self._fit(X, y, incremental=True)
-
-    def _fit(self, X: Any, y: Any, *, incremental: bool) -> FastMLPRegressor:
-        self._check_hyperparameters()
-        reuse = (incremental or self.warm_start) and hasattr(self, "network_")
-        X, y = validate_data(self, X, y, reset=not reuse, dtype=self._fit_dtype(reuse), order="C",
-                             multi_output=True, y_numeric=True)  # fmt: skip
-        Y = np.asarray(y, dtype=X.dtype)
-        ndim = Y.ndim
-        Y = Y.reshape(Y.shape[0], -1)
-        if reuse:
-            if Y.shape[1] != self.n_outputs_:
-                raise ValueError(f"y has {Y.shape[1]} outputs but the fitted regressor has {self.n_outputs_}")
-            seed, fit_seed = self.network_.seed or 0, None
-        else:
-            seed = self._new_seed()
-            fit_seed = seed
-            self.n_outputs_ = Y.shape[1]
-            self._y_ndim = ndim
-            if self.standardize_y:
-                std = Y.std(axis=0, dtype=np.float64)
-                self.y_mean_ = Y.mean(axis=0, dtype=np.float64).astype(X.dtype)
-                self.y_scale_ = np.where(std > 0, std, 1.0).astype(X.dtype)  # a constant target keeps scale 1
-            else:
-                self.y_mean_ = np.zeros(Y.shape[1], dtype=X.dtype)
-                self.y_scale_ = np.ones(Y.shape[1], dtype=X.dtype)
-            self.network_ = self._network(X.shape[1], Y.shape[1], X.dtype, seed)
-        Y = (Y - self.y_mean_) / self.y_scale_
-        X_tr, Y_tr, X_va, Y_va = X, Y, None, None
-        if self.early_stopping and not incremental:
-            X_tr, X_va, Y_tr, Y_va = self._split(X, Y, seed, stratify=False)
-        lr, cbs = self._copies()
-        stopper = self._stopper(incremental)
-        self.n_threads_ = self._threads()
-        with _limit_threads(self.n_threads_):
-            hist = fit_regression(
-                self.network_, X_tr, Y_tr, epochs=1 if incremental else int(self.max_iter),
-                batch_size=self.batch_size, lr=lr, X_valid=X_va, Y_valid=Y_va, score=_r2,
-                shuffle=bool(self.shuffle), seed=fit_seed, verbose=bool(self.verbose), l2=float(self.l2),
-                l1=float(self.l1), dropout=float(self.dropout), input_dropout=float(self.input_dropout),
-                dropout_scaling=self.dropout_scaling, callbacks=[*cbs, *([stopper] if stopper else [])],
-                on_divergence=self.on_divergence,
-            )  # fmt: skip
-        self.callbacks_ = cbs
-        self._record(hist, X_tr.shape[0], hist.valid_score if X_va is not None else None, reuse)
-        self._warn_not_converged(stopper, hist)
-        return self
+    fit.__doc__ = _BaseMLP.fit.__doc__
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted targets.
+        """Predict using the multi-layer perceptron model.
 
         Parameters
         ----------
-        X : array-like (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
 
         Returns
         -------
-        ndarray (n_samples,) or (n_samples, n_outputs)
-            The shape of the ``y`` given to ``fit``; the network's dtype.
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
         """
-        X = self._validate_predict_X(X)
-        with _limit_threads(self._threads()):
-            P = self.network_.predict_proba(X)
-        P = P * self.y_scale_ + self.y_mean_
-        return P.ravel() if self._y_ndim == 1 else P
+        y_pred = self._forward(X)
+        if y_pred.shape[1] == 1:
+            return y_pred.ravel()
+        return y_pred
+
+    @available_if(lambda est: est._check_solver())
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X: Any, y: Any, sample_weight: Any = None) -> MLPRegressor:
+        """Update the model with a single iteration over the given data.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : object
+        """
+        return self._fit(X, y, sample_weight=sample_weight, incremental=True)  # type: ignore[return-value]
 
 
-def _r2(Y: np.ndarray, P: np.ndarray) -> float:
-    """R² of the validation predictions; NaN (no improvement) when it is undefined (one sample)."""
-    if Y.shape[0] < 2:
-        return float("nan")
-    return float(r2_score(Y, P))
+def __getattr__(name: str) -> Any:
+    if name in ("FastMLPClassifier", "FastMLPRegressor"):
+        new = "MLPClassifier" if name == "FastMLPClassifier" else "MLPRegressor"
+        warnings.warn(f"fastmlp.sklearn.{name} is deprecated: use fastmlp.sklearn.{new}, which takes scikit-learn's "
+                      "parameters (alpha instead of l2, learning_rate_init instead of learning_rate, solver='sgd' "
+                      "for plain SGD); it will be removed", FutureWarning, stacklevel=2)  # fmt: skip
+        return MLPClassifier if new == "MLPClassifier" else MLPRegressor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
