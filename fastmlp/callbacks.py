@@ -121,9 +121,10 @@ class Plateau:
 class Callback:
     """Hooks called by :func:`fastmlp.training.fit`; override what you need.
 
-    ``on_epoch_end`` returns ``True`` to stop training.  A callback's state
-    goes into checkpoints through :meth:`state_dict` (by default every
-    attribute that is a number, string, bool, None or a list/dict of those).
+    ``on_epoch_end`` returns ``True`` to stop training.  A callback that keeps
+    state across epochs overrides :meth:`state_dict` and :meth:`load_state_dict`
+    so that checkpoints carry it (by default a callback has none: its
+    configuration is the one given to the resumed fit).
     """
 
     def on_train_begin(self, net: Network, history: History) -> None:
@@ -137,26 +138,14 @@ class Callback:
         """Called once at the end, also after an interrupt or a divergence."""
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """``(json_state, arrays)``: what a checkpoint keeps of this callback."""
-        return {k: v for k, v in vars(self).items() if _jsonable(v)}, {}
+        """``(json_state, arrays)``: what a checkpoint keeps of this callback (JSON-ready values, arrays)."""
+        return {}, {}
 
     def load_state_dict(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        for k, v in state.items():
-            setattr(self, k, v)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-def _jsonable(v: object) -> bool:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    if isinstance(v, (list, tuple)):
-        return all(_jsonable(x) for x in v)
-    if isinstance(v, dict):
-        return all(isinstance(k, str) and _jsonable(x) for k, x in v.items())
-    return False
 
 
 class EarlyStopping(Callback):

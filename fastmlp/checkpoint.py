@@ -205,6 +205,7 @@ class Checkpoint:
             raise ValueError(f"it holds callbacks {[c['type'] for c in cbs]} but this run has "
                              f"{[type(cb).__name__ for cb in run.cbs]}")  # fmt: skip
         hist = History.from_json(meta["history"])
+        hist.interrupted = False  # this run goes on from the checkpoint
         if len(hist.epoch) != done:
             raise ValueError(f"its history has {len(hist.epoch)} epochs but it says {done} were done")
         net.set_params([_exact(arrays[f"W{i}"], net.weights[i]) for i in range(L)],

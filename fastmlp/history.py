@@ -140,6 +140,19 @@ class History:
         if record.get("step_lr") is not None:
             self.step_lr.append(record["step_lr"])
 
+    def _truncate(self, n: int) -> None:
+        """Forget every epoch after the first ``n`` (an epoch rolled back before its commit finished)."""
+        for k in METRICS:
+            lst = getattr(self, k)
+            if lst is not None:
+                del lst[n:]
+        if len(self.step_lr) > n:
+            del self.step_lr[n:]
+        last = self.epoch[-1] if self.epoch else 0
+        for k in ("best_epoch", "stopped_epoch"):
+            if getattr(self, k) is not None and getattr(self, k) > last:
+                setattr(self, k, None)
+
     def __len__(self) -> int:
         return len(self.epoch)
 

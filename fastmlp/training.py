@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -144,7 +145,7 @@ def _prepare_data(net: Network, X: object, y: object, X_valid: object, y_valid: 
             swv = V.as_sample_weight(valid_sample_weight, Xv.shape[0], "valid_sample_weight")
     elif validation_split:
         # Keras's convention: the last rows, before any shuffling
-        n_valid = int(math.floor(Xc.shape[0] * validation_split))
+        n_valid = math.floor(Xc.shape[0] * validation_split)
         if n_valid < 1 or n_valid >= Xc.shape[0]:
             raise ValueError(f"validation_split={validation_split} leaves no training or no validation rows "
                              f"out of {Xc.shape[0]}")  # fmt: skip
@@ -227,6 +228,7 @@ class _Snapshot:
     step: int
     epochs: int
     rng: dict
+    n_hist: int
 
 
 class _Run:
@@ -250,7 +252,7 @@ class _Run:
     def snapshot(self) -> _Snapshot:
         net = self.net
         return _Snapshot(net.get_params(), net.optimizer_state_.copy(), net.step_, net.epochs_,  # type: ignore[union-attr]
-                         self.rng.bit_generator.state)  # fmt: skip
+                         self.rng.bit_generator.state, len(self.hist.epoch))  # fmt: skip
 
     def restore(self, s: _Snapshot) -> None:
         net = self.net
@@ -258,6 +260,7 @@ class _Run:
         net.optimizer_state_ = s.state.copy()
         net.step_, net.epochs_ = s.step, s.epochs
         self.rng.bit_generator.state = s.rng
+        self.hist._truncate(s.n_hist)
 
     def train(self, epochs: int, first: int, interrupted: bool = False) -> History:
         """Run epochs ``first .. epochs - 1`` (inside the fit's interrupt guard)."""
@@ -488,6 +491,7 @@ def fit(
         with ``interrupted=True`` and the weights of the last complete epoch (or
         the best ones under early stopping).
     """
+    options = locals()
     guard = _InterruptGuard()
     with guard:
         interrupted = False
@@ -495,14 +499,8 @@ def fit(
         first = 0
         try:
             with guard.deferred():  # a Ctrl-C during the setup waits for its end; then nothing is trained
-                run, first = _setup(net, X, y, guard, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                                    X_valid=X_valid, y_valid=y_valid, validation_split=validation_split,
-                                    sample_weight=sample_weight, valid_sample_weight=valid_sample_weight,
-                                    shuffle=shuffle, seed=seed, verbose=verbose, l2=l2, l1=l1, alpha=alpha,
-                                    dropout=dropout, input_dropout=input_dropout, dropout_scaling=dropout_scaling,
-                                    early_stopping=early_stopping, callbacks=callbacks, on_divergence=on_divergence,
-                                    checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-                                    score=score, reset=reset)  # fmt: skip
+                opts = SimpleNamespace(**{k: v for k, v in options.items() if k in _OPTIONS})
+                run, first = _setup(net, X, y, guard, opts)
         except KeyboardInterrupt:
             interrupted = True
         if run is None:  # interrupted inside the setup itself (e.g. by a callback's on_train_begin)
@@ -510,13 +508,20 @@ def fit(
         return run.train(int(epochs), first, interrupted)
 
 
-def _setup(net: Network, X: Any, y: Any, guard: _InterruptGuard, *, epochs: Any, batch_size: Any, lr: Any, optimizer: Any, X_valid: Any,
-           y_valid: Any, validation_split: Any, sample_weight: Any, valid_sample_weight: Any, shuffle: Any, seed: Any,
-           verbose: Any, l2: Any, l1: Any, alpha: Any, dropout: Any, input_dropout: Any, dropout_scaling: Any,
-           early_stopping: Any, callbacks: Any, on_divergence: Any, checkpoint: Any, checkpoint_every: Any,
-           resume: Any, score: Any, reset: Any) -> tuple[_Run, int]:  # fmt: skip
+#: the options of fit, as _setup receives them
+_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "X_valid", "y_valid", "validation_split", "sample_weight",
+            "valid_sample_weight", "shuffle", "seed", "verbose", "l2", "l1", "alpha", "dropout", "input_dropout",
+            "dropout_scaling", "early_stopping", "callbacks", "on_divergence", "checkpoint", "checkpoint_every", "resume",
+            "score", "reset")  # fmt: skip
+
+
+def _setup(net: Network, X: Any, y: Any, guard: _InterruptGuard, o: SimpleNamespace) -> tuple[_Run, int]:
     """Validate every option, prepare data, plan, state and callbacks; return the run and its first epoch."""
     from fastmlp.checkpoint import Checkpoint
+
+    (epochs, batch_size, lr, optimizer, X_valid, y_valid, validation_split, sample_weight, valid_sample_weight, shuffle,
+     seed, verbose, l2, l1, alpha, dropout, input_dropout, dropout_scaling, early_stopping, callbacks, on_divergence,
+     checkpoint, checkpoint_every, resume, score, reset) = (getattr(o, k) for k in _OPTIONS)  # fmt: skip
 
     epochs = V.check_int(epochs, "epochs", minimum=1)
     opt = get_optimizer(optimizer)
