@@ -25,9 +25,9 @@ from conftest import subprocess_env
 
 import fastmlp
 from fastmlp import get_backend
+from fastmlp._threads import ThreadChoice
 from fastmlp.backends import backend_errors
 from fastmlp.backends.contract import HIDDEN_ACTIVATIONS, KEEP_BITS, VALID_OUTPUT_LOSS, keep_threshold, mask_bits
-from fastmlp._threads import ThreadChoice
 
 COMPILED = [name for name in fastmlp.available_backends() if name != "numpy"]
 REF = get_backend("numpy")
@@ -608,19 +608,37 @@ def test_cython_bad_isa_makes_backend_unavailable_with_reason():
     assert "FASTMLP_CYTHON_ISA" in res.stdout
 
 
+def _forced_threads(monkeypatch, n_threads, n_blocks):
+    """Make the Cython adapter run every epoch on ``n_threads`` threads over ``n_blocks`` blocks."""
+    import fastmlp.backends.cython as cy
+
+    monkeypatch.setattr(cy, "_choice", ThreadChoice())
+    monkeypatch.setattr(cy, "_threads_for", lambda plan, n_used: (n_threads, n_blocks, ("forced", n_threads, n_blocks)))
+
+
+#: epochs that exercise every part of the split: dropout, several layers, batch 1, dense targets, weights,
+#: alpha (its penalty sum comes from the column blocks), every optimizer's fused update
+THREADED_CASES = ("784-50-10-all", "4-hidden-sigmoid-ce", "softmax-mse-batch1", "multi-output-regression",
+                  "alpha-and-weights", "nesterov-alpha", "adam-torch-eps-l1", "gradient-full-batch")  # fmt: skip
+
+
 @needs_cython
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cython_threaded_epoch_matches_reference(monkeypatch, dtype, n_threads):
-    """The OpenMP split (rows per thread, then column blocks of W per thread) gives the reference's epoch."""
+    """The OpenMP split (row blocks, then column blocks of W) gives the reference's epoch on any thread count."""
     import fastmlp.backends.cython as cy
 
-    monkeypatch.setattr(cy, "NUM_THREADS", n_threads)
-    for name in ("784-50-10-all", "4-hidden-sigmoid-ce", "softmax-mse-batch1"):
+    if not cy.OPENMP and n_threads > 1:
+        pytest.skip("built without OpenMP")
+    _forced_threads(monkeypatch, n_threads, 4)
+    for name in THREADED_CASES:
         _check_epoch(get_backend("cython"), name, dtype)
+    assert set(cy._choice.speed) == {("forced", n_threads, 4)}  # every epoch went through the forced split
 
 
 @needs_cython
+@pytest.mark.filterwarnings("ignore:.*more than the")
 def test_cython_threaded_epoch_restores_blas_threads(monkeypatch):
     from threadpoolctl import threadpool_info
 
@@ -628,9 +646,11 @@ def test_cython_threaded_epoch_restores_blas_threads(monkeypatch):
 
     if not cy.OPENMP:
         pytest.skip("built without OpenMP")
-    monkeypatch.setattr(cy, "NUM_THREADS", 2)
+    monkeypatch.setenv("FASTMLP_NUM_THREADS", "2")
+    monkeypatch.setattr(cy, "_choice", ThreadChoice())
     before = {d["filepath"]: d["num_threads"] for d in threadpool_info()}
     _check_epoch(get_backend("cython"), "784-50-10", "float32")
+    assert [2] in [list(v) for v in cy._choice.speed.values()]  # the first epoch of the shape ran on two threads
     assert {d["filepath"]: d["num_threads"] for d in threadpool_info()} == before
     # epochs overlapping from several Python threads share one pin; the last one out restores
     with ThreadPoolExecutor(3) as pool:
@@ -640,49 +660,145 @@ def test_cython_threaded_epoch_restores_blas_threads(monkeypatch):
 
 @needs_cython
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cython_thread_count_never_changes_the_result(dtype):
-    """With the blocks fixed, one thread or two compute the same bits (so choosing threads is free)."""
+def test_cython_thread_count_never_changes_the_result(monkeypatch, dtype):
+    """With the blocks fixed, one, two or three threads compute the same bits (so choosing threads is free)."""
     import fastmlp.backends.cython as cy
 
     if not cy.OPENMP:
         pytest.skip("built without OpenMP")
-    rng = np.random.default_rng(11)
-    sizes = [37, 21, 9, 5]
-    X = rng.normal(size=(203, 37)).astype(dtype)
-    y = rng.integers(0, 5, 203)
-    order = rng.permutation(203)
-    W0 = [rng.normal(0, 0.3, (o, i)).astype(dtype) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
-    b0 = [np.zeros(o, dtype) for o in sizes[1:]]
-    thr = np.array([keep_threshold(0.8), keep_threshold(0.5), keep_threshold(0.5)], np.int64)
-    scales = np.array([1 / 0.8, 2.0, 2.0])
-    lrs = np.full(-(-203 // 16), 0.2)
-    results = []
-    for n_threads in (1, 2):
-        Ws, bs = [W.copy() for W in W0], [b.copy() for b in b0]
-        with cy._blas_pinned():
-            loss, correct = cy._k.train_epoch(X, y, order, Ws, bs, lrs, 1, 4, 1, 16, 1e-3, 1e-4, thr, scales, 7, 0,
-                                              n_threads, 2)  # fmt: skip
-        results.append((Ws, bs, loss, correct))
-    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1], strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert results[0][2:] == results[1][2:]
+    for name in THREADED_CASES:
+        results = []
+        for n_threads in (1, 2, 3):
+            _forced_threads(monkeypatch, n_threads, 4)
+            cfg, weights, biases, X, Y, order, state, sw = _epoch_case(name, dtype)
+            stats = _run_epoch(get_backend("cython"), cfg, dtype, weights, biases, X, Y, order, state, sw)
+            results.append((weights + biases + state.arrays(), tuple(stats), state.t))
+        for other in results[1:]:
+            for a, b in zip(results[0][0], other[0], strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+            assert other[1:] == results[0][1:], name
 
 
 @needs_cython
+@pytest.mark.filterwarnings("ignore:.*more than the")
 def test_cython_thread_choice_follows_measurements(monkeypatch):
     import fastmlp.backends.cython as cy
+    from fastmlp import _threads
+    from fastmlp.backends.contract import plan_epoch
 
-    monkeypatch.setattr(cy, "NUM_THREADS", None)
-    monkeypatch.setattr(cy, "OPENMP", True)
+    if not cy.OPENMP:
+        pytest.skip("built without OpenMP")
+    monkeypatch.setenv("FASTMLP_NUM_THREADS", "2")
     monkeypatch.setattr(cy, "_choice", ThreadChoice())
-    key = ("shape",)
-    assert cy._choose_threads(key, 2) == 2  # first: as many threads as blocks
+    plan = plan_epoch([784, 50, 10], "float32", batch_size=100, hidden="sigmoid", output="sigmoid", loss="mse")
+    assert _threads.n_blocks(plan.sizes, 100) == 2
+    n, blocks, key = cy._threads_for(plan, 1000)
+    assert (n, blocks) == (2, 2) and key is not None  # first: as many threads as blocks
     cy._choice.record(key, 2, 8e-3, 100)
-    assert cy._choose_threads(key, 2) == 1  # then one thread, once
+    assert cy._threads_for(plan, 1000)[0] == 1  # then one thread, once
     cy._choice.record(key, 1, 2e-4, 100)  # two threads were 40x slower (a busy machine)
-    picks = [cy._choose_threads(key, 2) for _ in range(200)]
-    assert picks.count(2) in (3, 4)  # re-measured only every 64 epochs
-    cy._choice.speed[key] = {2: 1e-6, 1: 2e-6}
-    picks = [cy._choose_threads(key, 2) for _ in range(64)]
-    assert picks.count(1) == 4 and picks.count(2) == 60  # a quiet machine: two threads, one re-check every 16
-    assert cy._choose_threads(key, 1) == 1
+    every = _threads.PROBE_EVERY
+    picks = [cy._threads_for(plan, 1000)[0] for _ in range(8 * every)]
+    assert picks.count(2) == 2  # re-measured only every 4 * PROBE_EVERY epochs
+    cy._choice.speed[key] = {2: 1e-6, 1: 2e-6}  # a quiet machine: two threads, one re-check every PROBE_EVERY
+    picks = [cy._threads_for(plan, 1000)[0] for _ in range(4 * every)]
+    assert picks.count(1) == 4 and picks.count(2) == 4 * every - 4
+    # the cap and the environment lower the budget; the blocks stay those of the shape
+    with _threads.thread_limit(1):
+        assert cy._threads_for(plan, 1000) == (1, 2, None)
+    monkeypatch.setenv("FASTMLP_NUM_THREADS", "1")
+    assert cy._threads_for(plan, 1000) == (1, 2, None)
+    monkeypatch.setenv("FASTMLP_NUM_THREADS", "2")
+    assert cy._threads_for(plan, 40)[:2] == (1, 1)  # an epoch of 40 rows is one block
+    # epochs through the public road record both thread counts, under the shape's key
+    monkeypatch.setattr(cy, "_choice", ThreadChoice())
+    rng = np.random.default_rng(3)
+    X = rng.uniform(size=(300, 784)).astype("float32")
+    y = rng.integers(0, 10, 300)
+    W, b = _network(rng, [784, 50, 10], "float32")
+    for _ in range(2):
+        get_backend("cython").train_epoch(X, y, np.arange(300), (W, b), None, 0.1, plan)
+    assert {k: set(v) for k, v in cy._choice.speed.items()} == {key: {1, 2}}
+
+
+@needs_cython
+def test_cython_never_falls_back_to_the_reference(monkeypatch):
+    """Every kernel of the Cython backend is compiled: the reference's functions are never called."""
+    from fastmlp.backends import reference
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the Cython backend called the NumPy reference")
+
+    cy_be = get_backend("cython")
+    cases = [(name, dt) for name in ("poisson", "multilabel-ce", "adamw", "gradient-full-batch", "binary-one-unit-ce",
+                                     "alpha-and-weights") for dt in DTYPES]  # fmt: skip
+    refs = {}
+    for name, dt in cases:  # reference results first, then the Cython runs with the reference disabled
+        cfg, weights, biases, X, Y, order, state, sw = _epoch_case(name, dt)
+        refs[name, dt] = _run_epoch(REF, cfg, dt, weights, biases, X, Y, order, state, sw)
+    for fn in ("train_epoch", "output_delta", "forward_network", "forward", "hidden_delta", "inplace_update",
+               "optimizer_update", "sample_losses", "target_matrix", "n_correct", "_delta"):  # fmt: skip
+        monkeypatch.setattr(reference, fn, boom)
+    for name, dt in cases:
+        cfg, weights, biases, X, Y, order, state, sw = _epoch_case(name, dt)
+        got = _run_epoch(cy_be, cfg, dt, weights, biases, X, Y, order, state, sw)
+        np.testing.assert_allclose(got.loss_sum, refs[name, dt].loss_sum, rtol=LOSS_RTOL[dt])
+        assert got.n_correct == refs[name, dt].n_correct
+    A = np.exp(np.random.default_rng(0).normal(size=(9, 3)))
+    cy_be.output_delta(A, np.ones((9, 3)), "exp", "poisson")
+    cy_be.forward_network(A, [np.ones((2, 3))], [np.zeros(2)], "relu", "exp")
+
+
+@needs_cython
+def test_cython_kernels_check_their_arguments():
+    """The raw kernels refuse arrays that do not fit (a ValueError, never a crash), before releasing the GIL."""
+    import fastmlp.backends.cython as cy
+    from fastmlp.backends.contract import EXP_CAP, OPTIMIZER_CODES
+
+    assert cy._k.EXP_CAP == EXP_CAP and cy._k.OPTIMIZER_CODES == OPTIMIZER_CODES
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(20, 6))
+    y = rng.integers(0, 3, 20)
+    W, b = _network(rng, [6, 4, 3], "float64")
+    thr = np.full(2, 1 << KEEP_BITS, np.int64)
+    sc = np.ones(2)
+
+    def call(**kw):
+        args = dict(X=X, Y=y, order=np.arange(20), weights=W, biases=b, state_weights=[], state_biases=[],
+                    lrs=np.full(3, 0.1), sample_weight=None, hidden_act=1, output_act=4, loss=1, target=0,
+                    batch_size=8, l2=0.0, l1=0.0, alpha=0.0, thresholds=thr, scales=sc, optimizer=0, momentum=0.0,
+                    beta1=0.0, beta2=0.0, eps=0.0, eps_mode=0, seed=0, step0=0, t0=0)  # fmt: skip
+        args.update(kw)
+        return cy._k.train_epoch(*args.values())
+
+    ls, ps, nc = call()  # the arguments above are valid
+    assert ls > 0 and ps == 0.0 and 0 <= nc <= 20
+    bad = [dict(order=np.array([0, 20])), dict(order=np.array([-1])), dict(order=np.arange(20, dtype=np.int32)),
+           dict(Y=y[:10]), dict(Y=y.astype(np.int32)), dict(target=1), dict(lrs=np.full(2, 0.1)),
+           dict(sample_weight=np.ones(19)), dict(weights=[W[0], W[1].T.copy()]), dict(biases=b[:1]),
+           dict(optimizer=3), dict(optimizer=9), dict(thresholds=thr[:1]), dict(output_act=2), dict(batch_size=0),
+           dict(X=np.asfortranarray(X)), dict(X=X.astype(np.float32))]  # fmt: skip
+    for kw in bad:
+        with pytest.raises(ValueError):
+            call(**kw)
+    ro = W[0].copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        call(weights=[ro, W[1]])
+    out = np.empty((20, 3))
+    with pytest.raises(ValueError):
+        cy.output_delta(np.ones((20, 3)), np.ones((20, 2)), 4, 1, out)
+    with pytest.raises(ValueError):
+        cy.output_delta(np.ones((20, 3)), y[:5], 4, 1, out)
+    with pytest.raises(ValueError):
+        cy._k.forward_network(X, W, b, 1, 4, np.empty((20, 2)), 1)
+    with pytest.raises(ValueError):
+        cy.forward(X, W[0], b[1], 1, np.empty((20, 4)))
+
+
+@needs_cython
+def test_cython_describe():
+    import fastmlp.backends.cython as cy
+
+    line = cy.describe()
+    assert f"variant {cy.VARIANT}" in line and ("debug build" in line) == bool(cy._k.DEBUG_BUILD)

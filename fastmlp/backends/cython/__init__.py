@@ -1,7 +1,7 @@
 """Cython backend: the kernel contract compiled, with a whole epoch in one call.
 
-The kernels live in :mod:`fastmlp.backends.cython` (one source, ``_kernels.pxi``,
-compiled three times).  This adapter picks the build for this CPU:
+The kernels are one Cython source, ``_kernels.pxi``, compiled three times by
+``setup.py``.  This adapter picks the build for this CPU:
 
 ``avx512``
     ``-mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma``, loaded when the
@@ -17,13 +17,18 @@ compiled three times).  This adapter picks the build for this CPU:
 with the reason when no build can load (the registry then reports the backend
 unavailable).
 
-:func:`train_epoch` splits every minibatch over :data:`OPENMP` threads when
-that pays: with the avx512 build's own kernels for every network but the
-tiniest, with BLAS when the network is small enough that OpenBLAS would run its
-gemms single-threaded anyway (DESIGN §4); meanwhile SciPy's BLAS is pinned to
-one thread (two levels of threads on two cores oversubscribe badly) and
-restored afterwards.  ``$FASTMLP_NUM_THREADS`` (or :data:`NUM_THREADS`) sets the
-number of threads; 1 turns the scheme off.
+Every kernel of :class:`fastmlp.backends.contract.RawBackend` is compiled:
+:func:`train_epoch` runs a whole epoch (every target kind, loss, penalty,
+sample weights and optimizer of the contract) in one call without the GIL.
+Threads follow :mod:`fastmlp._threads`: every minibatch is cut into
+``n_blocks(sizes, batch_size)`` row blocks (and every ``W`` into as many
+column blocks), a count set by the shape alone, so the result never depends on
+how many threads run them; up to ``min(n_blocks, thread_budget())`` OpenMP
+threads take the blocks in turn (``$FASTMLP_NUM_THREADS`` and
+``fastmlp._threads.thread_limit`` lower the budget), and a
+:class:`~fastmlp._threads.ThreadChoice` times one thread against several and
+keeps the faster.  While an epoch may run on several threads, the BLAS
+libraries are held on one thread (``blas_pinned``) and restored afterwards.
 
 The raw kernels take validated, C-contiguous arrays of one float dtype and
 integer codes; use them through ``fastmlp.get_backend("cython")``.
@@ -40,16 +45,27 @@ from types import ModuleType
 import numpy as np
 
 from fastmlp import _threads
-from fastmlp.backends import reference as _ref
-from fastmlp.backends.contract import ACT_CODES, LOSS_CODES, EpochPlan, OptimizerState
+from fastmlp.backends.contract import (
+    ACT_CODES,
+    EPS_MODES,
+    EXP_CAP,
+    LOSS_CODES,
+    OPTIMIZER_CODES,
+    TARGET_CODES,
+    EpochPlan,
+    OptimizerState,
+)
 
 NAME = "cython"
 
 __all__ = [
     "NAME",
     "OPENMP",
+    "SIMD_GEMM",
     "VARIANT",
+    "describe",
     "dropout_mask",
+    "fit_context",
     "forward",
     "forward_network",
     "hidden_delta",
@@ -59,12 +75,6 @@ __all__ = [
 ]
 
 _ISA_ENV = "FASTMLP_CYTHON_ISA"
-#: splitting every minibatch over our threads pays between these sizes of the largest layer's
-#: forward gemm (multiply-adds per minibatch): below, two barriers a step cost more than the work
-#: saved; above, OpenBLAS's own threads on the big gemms win (DESIGN §4: 784-50-10 at batch 100
-#: wants our split, 784-256-256-10 wants OpenBLAS's)
-_SPLIT_MIN_MACS = 200_000
-_SPLIT_MAX_MACS = 8_000_000
 
 
 def _cpu_features() -> tuple[dict | None, set[str]]:
@@ -138,8 +148,13 @@ def _load() -> tuple[ModuleType, str]:
 
 _k, VARIANT = _load()
 
-if _k.ACT_CODES != ACT_CODES or _k.LOSS_CODES != LOSS_CODES:
-    raise ImportError("the Cython kernels were compiled with other activation/loss codes than contract.py: rebuild them")
+_COMPILED_CODES = {"activation": (_k.ACT_CODES, ACT_CODES), "loss": (_k.LOSS_CODES, LOSS_CODES),
+                   "target": (_k.TARGET_CODES, TARGET_CODES), "optimizer": (_k.OPTIMIZER_CODES, OPTIMIZER_CODES),
+                   "eps_mode": (_k.EPS_MODES, EPS_MODES), "exp cap": (_k.EXP_CAP, EXP_CAP)}  # fmt: skip
+_stale = [what for what, (built, spec) in _COMPILED_CODES.items() if built != spec]
+if _stale:
+    raise ImportError(f"the Cython kernels were compiled with other {', '.join(_stale)} codes than contract.py: "
+                      "rebuild them (`python setup.py build_ext --inplace`)")
 
 #: whether the loaded build has OpenMP (multi-threaded ``train_epoch``)
 OPENMP: bool = bool(_k.HAVE_OPENMP)
@@ -151,34 +166,26 @@ forward = _k.forward
 hidden_delta = _k.hidden_delta
 inplace_update = _k.inplace_update
 dropout_mask = _k.dropout_mask
+output_delta = _k.output_delta
 #: rows from which predicting splits its chunks of 256 rows over our threads
 _PARALLEL_FORWARD_ROWS = 512
 
 
-def output_delta(A: np.ndarray, Y: np.ndarray, output: int, loss: int, out: np.ndarray) -> tuple[float, int]:
-    """Output delta against labels or a dense target matrix (semantics of ``reference.output_delta``)."""
-    if Y.ndim == 2 or not _k_supports(output, loss, A.shape[1]):
-        return _ref.output_delta(A, Y, output, loss, out)
-    return _k.output_delta(A, Y, output, loss, out)
-
-
 def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray], hidden_act: int,
                     output_act: int, out: np.ndarray) -> None:  # fmt: skip
-    """Output activations ``out (n_samples, n_classes)`` of the whole network for ``X (n_samples, n_in)``.
+    """Output activations ``out (n_samples, n_out)`` of the whole network for ``X (n_samples, n_in)``.
 
     On its own this runs on one thread, with SciPy's BLAS as it is set.  Inside a ``fit`` (or
     ``compat.train``) that holds the BLAS on one thread (:func:`fit_context`), inputs of two chunks of
     256 rows or more are split over two OpenMP threads instead: the validation pass then neither runs
     single-threaded nor wakes OpenBLAS's own workers, which would keep spinning into the next epoch.
-    The avx512 build, which calls no BLAS, always splits such inputs.
+    The avx512 build, which calls no BLAS, always splits such inputs.  Each row's result does not
+    depend on the split.
     """
-    if output_act == ACT_CODES["exp"]:
-        _ref.forward_network(X, weights, biases, hidden_act, output_act, out)
-        return
     n_threads = 1
     if OPENMP and (_threads.pinned() or SIMD_GEMM) and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
         n_threads = min(_threads.thread_budget(), 2)
-    _k.forward_network(X, weights, biases, hidden_act, output_act, out, n_threads)
+    _k.forward_network(X, list(weights), list(biases), hidden_act, output_act, out, n_threads)
 
 
 def fit_context(sizes: list[int], batch_size: int) -> AbstractContextManager[bool]:
@@ -191,12 +198,39 @@ def fit_context(sizes: list[int], batch_size: int) -> AbstractContextManager[boo
     return nullcontext(False)
 
 
+#: seconds per sample of each epoch shape on one thread and on several (the measured thread choice)
 _choice = _threads.ThreadChoice()
 
 
-def _k_supports(output: int, loss: int, k: int) -> bool:
-    """Whether the compiled output delta covers this pair (the labels kind, the lecture's losses)."""
-    return loss in (LOSS_CODES["mse"], LOSS_CODES["ce"]) and output != ACT_CODES["exp"] and k >= 2
+def _threads_for(plan: EpochPlan, n_used: int) -> tuple[int, int, tuple | None]:
+    """``(n_threads, n_blocks, key)`` for an epoch of ``plan`` over ``n_used`` rows.
+
+    The blocks follow the shape (:func:`fastmlp._threads.n_blocks` of the sizes and the batch, or the
+    whole epoch when it has fewer rows); the threads are the measured choice between one and
+    ``min(n_blocks, thread_budget())``.  ``key`` is the :data:`_choice` record to time the epoch under,
+    None when only one thread may run.
+    """
+    blocks = _threads.n_blocks(plan.sizes, min(plan.batch_size, n_used)) if OPENMP else 1
+    most = min(blocks, _threads.thread_budget())
+    if most < 2:
+        return 1, blocks, None
+    key = (plan.sizes, plan.batch_size, plan.dtype, plan.optimizer)
+    return _choice.choose(key, most), blocks, key
+
+
+def _run(X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray],
+         state: OptimizerState, lrs: np.ndarray, plan: EpochPlan, step0: int, sample_weight: np.ndarray | None,
+         n_threads: int, n_blocks: int) -> tuple[float, float, int]:  # fmt: skip
+    """The compiled epoch on ``n_threads`` threads over ``n_blocks`` blocks; advances ``state.t``."""
+    res = _k.train_epoch(
+        X, Y, order, list(weights), list(biases), [list(s) for s in state.weights], [list(s) for s in state.biases],
+        lrs, sample_weight, plan.hidden_code, plan.output_code, plan.loss_code, plan.target_code, plan.batch_size,
+        plan.l2, plan.l1, plan.alpha, plan.thresholds_array, plan.scales_array, plan.optimizer_code, plan.momentum,
+        plan.beta1, plan.beta2, plan.eps, plan.eps_code, plan.seed, step0, state.t, n_threads, n_blocks,
+    )  # fmt: skip
+    if plan.optimizer != "gradient":
+        state.t += plan.n_steps(order.shape[0])
+    return res
 
 
 def train_epoch(
@@ -213,32 +247,29 @@ def train_epoch(
 ) -> tuple[float, float, int]:
     """One epoch in one compiled call without the GIL (semantics of ``reference.train_epoch``).
 
-    Returns ``(loss_sum, penalty_sum, n_correct)``; see :mod:`fastmlp.backends.contract`.
+    Updates ``weights``, ``biases`` and ``state`` in place and returns ``(loss_sum, penalty_sum,
+    n_correct)``; see :mod:`fastmlp.backends.contract`.  When more than one thread may run, the BLAS
+    is pinned to one thread for the epoch (whichever count the choice then takes, so that both are
+    timed alike) and the epoch's time is recorded for the choice.
     """
-    if (plan.target != "labels" or plan.optimizer != "sgd" or plan.alpha or sample_weight is not None
-            or not _k_supports(plan.output_code, plan.loss_code, plan.sizes[-1])):  # fmt: skip
-        return _ref.train_epoch(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight)
-    sizes = list(plan.sizes)
-    bs = plan.batch_size
-    args = (X, Y, order, list(weights), list(biases), lrs, plan.hidden_code, plan.output_code, plan.loss_code,
-            bs, plan.l2, plan.l1, plan.thresholds_array, plan.scales_array, plan.seed, step0)  # fmt: skip
-    n_blocks = _threads.n_blocks(sizes, min(bs, order.shape[0])) if OPENMP else 1
-    if n_blocks > 1:
-        key = (tuple(sizes), bs, X.dtype.char)
-        n_threads = _choice.choose(key, min(n_blocks, _threads.thread_budget()))
-        with _threads.blas_pinned() as pinned:
-            if not pinned:  # BLAS not found, so it cannot be kept off our threads: stay on one
-                n_threads = 1
-            t0 = time.perf_counter()
-            ls, nc = _k.train_epoch(*args, n_threads, n_blocks)
-            _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])
-            return ls, 0.0, nc
-    ls, nc = _k.train_epoch(*args, 1, 1)
-    return ls, 0.0, nc
+    n_threads, n_blocks, key = _threads_for(plan, order.shape[0])
+    if key is None:
+        return _run(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight, 1, n_blocks)
+    with _threads.blas_pinned() as pinned:
+        if not pinned and not SIMD_GEMM:  # a BLAS we cannot find cannot be kept off our threads: stay on one
+            n_threads = 1
+        t0 = time.perf_counter()
+        res = _run(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight, n_threads, n_blocks)
+        _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])
+    return res
 
 
 def describe() -> str:
     """One line on the loaded build, for ``fastmlp info``."""
     debug = ", debug build (bounds checking on)" if getattr(_k, "DEBUG_BUILD", False) else ""
     products = "own SIMD kernels" if SIMD_GEMM else "SciPy's BLAS"
-    return f"variant {VARIANT} (matrix products: {products}), OpenMP {'on' if OPENMP else 'off'}{debug}"
+    try:
+        threads = f", up to {_threads.thread_budget()} epoch threads" if OPENMP else ""
+    except ValueError as exc:  # a bad $FASTMLP_NUM_THREADS: say so rather than fail the report
+        threads = f", threads: {exc}"
+    return f"variant {VARIANT} (matrix products: {products}), OpenMP {'on' if OPENMP else 'off'}{threads}{debug}"

@@ -1,9 +1,12 @@
 # The Cython kernels of fastmlp, shared by every ISA variant.
 #
-# This file is ``include``d by ``_kernels.pyx`` (baseline ISA) and
-# ``_kernels_avx2.pyx`` (``-mavx2 -mfma``); setup.py compiles the two with
+# This file is ``include``d by ``_kernels.pyx`` (baseline ISA), ``_kernels_avx2.pyx``
+# (``-mavx2 -mfma``) and ``_kernels_avx512.pyx`` (AVX-512, with its own matrix
+# kernels from ``_simd_gemm.h`` instead of BLAS); setup.py compiles the three with
 # different flags and ``fastmlp.backends.cython`` picks one at run time.
 # Compiler directives (boundscheck, wraparound, cdivision) are set in setup.py.
+# The semantics of every kernel are those of ``fastmlp.backends.reference`` (the
+# formulas are in the docstring of ``fastmlp.backends.contract``).
 #
 # Layout: ``W`` is ``(n_out, n_in)`` C-contiguous, which BLAS (column-major)
 # sees as its transpose ``Wc = W.T`` of shape ``(n_in, n_out)`` with leading
@@ -16,11 +19,15 @@
 # assumes that no NaN or Inf occurs: nothing here tests for them (the Python
 # side checks finiteness), and ``exp`` arguments are clamped so that no Inf
 # can arise in the first place.
+#
+# Nothing inside a ``nogil`` section allocates or raises: the Python entry
+# points check every array and allocate every buffer before they release the GIL.
 
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from cython cimport floating
-from libc.math cimport exp, expf, log, tanh, tanhf
+from libc.float cimport DBL_EPSILON, FLT_EPSILON
+from libc.math cimport exp, expf, log, pow, sqrt, sqrtf, tanh, tanhf
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -110,19 +117,39 @@ cdef enum:
     LOSS_CE = 1
     LOSS_SQE = 2
     LOSS_POISSON = 3
+    TARGET_LABELS = 0
+    TARGET_DENSE = 1
+    OPT_SGD = 0
+    OPT_MOMENTUM = 1
+    OPT_NESTEROV = 2
+    OPT_ADAM = 3
+    OPT_ADAMW = 4
+    OPT_GRADIENT = 5
+    EPS_SKLEARN = 0
+    EPS_TORCH = 1
     KEEP_BITS = 24
     NOTRANS = 78  # BLAS transpose flags: 'N'
     TRANS = 84    # 'T'
 
-#: activation and loss codes compiled into this module
+#: activation, loss, target, optimizer and epsilon-mode codes compiled into this module
 ACT_CODES = {"identity": ACT_IDENTITY, "sigmoid": ACT_SIGMOID, "tanh": ACT_TANH, "relu": ACT_RELU,
              "softmax": ACT_SOFTMAX, "exp": ACT_EXP}
 LOSS_CODES = {"mse": LOSS_MSE, "ce": LOSS_CE, "squared_error": LOSS_SQE, "poisson": LOSS_POISSON}
+TARGET_CODES = {"labels": TARGET_LABELS, "dense": TARGET_DENSE}
+OPTIMIZER_CODES = {"sgd": OPT_SGD, "momentum": OPT_MOMENTUM, "nesterov": OPT_NESTEROV, "adam": OPT_ADAM,
+                   "adamw": OPT_ADAMW, "gradient": OPT_GRADIENT}
+EPS_MODES = {"sklearn": EPS_SKLEARN, "torch": EPS_TORCH}
+#: state slots of each optimizer code
+cdef dict _SLOTS = {OPT_SGD: 0, OPT_MOMENTUM: 1, OPT_NESTEROV: 1, OPT_ADAM: 2, OPT_ADAMW: 2, OPT_GRADIENT: 1}
+#: exp arguments (the sigmoid's, the softmax's and the exp output's) are capped at these, below the overflow of
+#: expf (88.72) and exp (709.78), so that no Inf appears
+cdef float CAP_F32 = 88.0
+cdef double CAP_F64 = 708.0
+EXP_CAP = {"float32": float(CAP_F32), "float64": float(CAP_F64)}
 #: whether this build runs ``train_epoch`` on several OpenMP threads
 HAVE_OPENMP = bool(FM_HAVE_OPENMP)
 
-cdef double LOG_EPS = 1e-12
-# spacing of the per-thread accumulators (one cache line of doubles each)
+# spacing of the per-block accumulators (one cache line of doubles each)
 cdef Py_ssize_t PAD = 8
 
 # ---------------------------------------------------------------------- BLAS
@@ -221,18 +248,24 @@ cdef inline void _bias_act_row(floating* z, floating* b, Py_ssize_t n, int act) 
     """``z <- act(z + b)`` over one row of ``n`` units (the gemm's tile, still in cache)."""
     cdef Py_ssize_t j
     cdef floating t, cap, mx, s
+    if floating is float:
+        cap = CAP_F32
+    else:
+        cap = CAP_F64
     if act == ACT_SIGMOID:
-        # 1 / (1 + exp(-z)); exp(-z) is capped below the type's overflow (expf overflows past 88.72,
-        # exp past 709.78) so no Inf appears: the result is then ~1e-38 / ~1e-308 instead of 0
-        if floating is float:
-            cap = 88.0
-        else:
-            cap = 708.0
+        # 1 / (1 + exp(-z)); exp(-z) is capped below the type's overflow so no Inf appears: the result
+        # is then ~1e-38 / ~1e-308 instead of 0
         for j in range(n):
             t = -(z[j] + b[j])
             if t > cap:
                 t = cap
             z[j] = 1 / (1 + _exp(t))
+    elif act == ACT_EXP:
+        for j in range(n):
+            t = z[j] + b[j]
+            if t > cap:
+                t = cap
+            z[j] = _exp(t)
     elif act == ACT_TANH:
         for j in range(n):
             z[j] = _tanh(z[j] + b[j])
@@ -291,103 +324,319 @@ cdef inline void _deriv(floating* d, floating* a, floating* m, Py_ssize_t n, int
 
 
 # --------------------------------------------------------------- output delta
-cdef void _output_delta_rows(floating* A, int64_t* y, int64_t* idx, int output, int loss, floating* out,
-                             Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k, Py_ssize_t n,
-                             double* loss_sum, int64_t* n_correct) noexcept nogil:
-    """Delta of rows ``[r0, r1)`` of ``A (n, k)``, labels ``y[idx[r]]`` (``y[r]`` when ``idx`` is NULL).
+cdef inline double _xlogy(double x, double y) noexcept nogil:
+    """``x log y`` with ``0 log y = 0``."""
+    return 0.0 if x == 0.0 else x * log(y)
 
-    ``n`` is the whole minibatch's size (the gradient's ``1/n``); adds the rows'
-    data loss (float64) to ``loss_sum`` and their first-arg-max hits to ``n_correct``.
+
+cdef void _output_delta_rows(floating* A, int64_t* y, floating* Yd, int64_t* idx, double* sw, double s,
+                             int output, int loss, floating* out, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k,
+                             Py_ssize_t n, double* loss_sum, int64_t* n_correct) noexcept nogil:
+    """Delta ``out`` of rows ``[r0, r1)`` of the output activations ``A (n, k)`` of a minibatch of ``n`` rows.
+
+    Row ``r``'s target is that of sample ``i = idx[r]`` (``i = r`` when ``idx`` is NULL): the dense row
+    ``Yd[i]`` when ``Yd`` is not NULL, else the label ``y[i]`` (one-hot for ``k >= 2``, the label itself
+    for one unit).  ``sw`` (NULL: unweighted) holds the sample weights and ``s`` their minibatch sum;
+    unweighted the scaled difference is divided by ``n``, weighted it is multiplied by ``w_i / s``
+    (taken in float64, then rounded to the dtype), as the reference does.  Adds the rows' data loss
+    (float64; weighted: ``n sum w_i l_i / s``) to ``loss_sum`` and their hits to ``n_correct``.
+    A label row's target is written into its ``out`` row first and then overwritten by the delta.
     """
-    cdef Py_ssize_t r, j, best
-    cdef int64_t lab
+    cdef Py_ssize_t r, j, best, tbest, i
+    cdef int64_t lab = 0
     cdef floating* a
     cdef floating* o
-    cdef floating d, s, fn = <floating>n
-    cdef double ls = 0.0, row, p
+    cdef floating* t
+    cdef floating d, cw, sm, eps_, hi, fn = <floating>n
+    cdef double ls = 0.0, li, p, tj
     cdef int64_t hits = 0
+    cdef bint ok
+    if floating is float:
+        eps_ = FLT_EPSILON
+    else:
+        eps_ = DBL_EPSILON
+    hi = 1 - eps_
     for r in range(r0, r1):
+        i = idx[r] if idx != NULL else r
         a = A + r * k
         o = out + r * k
-        lab = y[idx[r]] if idx != NULL else y[r]
-        best = 0
-        for j in range(1, k):
-            if a[j] > a[best]:
-                best = j
-        if best == lab:
-            hits += 1
-        if loss == LOSS_CE:
-            # (a - onehot) / n for softmax and for per-unit sigmoid cross-entropy
-            for j in range(k):
-                d = a[j] - 1 if j == lab else a[j]
-                o[j] = d / fn
-            if output == ACT_SOFTMAX:
-                p = <double>a[lab]
-                ls -= log(p if p > LOG_EPS else LOG_EPS)
+        if Yd != NULL:
+            t = Yd + i * k
+        else:
+            lab = y[i]
+            t = o
+            if k == 1:
+                o[0] = <floating>lab
             else:
                 for j in range(k):
-                    p = <double>a[j] if j == lab else 1.0 - <double>a[j]
-                    ls -= log(p if p > LOG_EPS else LOG_EPS)
-        else:
-            # MSE with the notebook's scaling: g = 2 (a - onehot) / n, loss = mean over classes
-            row = 0.0
+                    o[j] = 0
+                if 0 <= lab < k:
+                    o[lab] = 1
+        # the prediction (contract: n_correct)
+        if Yd != NULL and output == ACT_SIGMOID:
+            ok = True
             for j in range(k):
-                d = a[j] - 1 if j == lab else a[j]
-                row += <double>d * <double>d
-                o[j] = (2 * d) / fn
-            ls += row / k
+                if (a[j] > 0.5) != (t[j] > 0.5):
+                    ok = False
+                    break
+        elif k == 1:
+            ok = (a[0] > 0.5) == ((t[0] > 0.5) if Yd != NULL else (lab == 1))
+        else:
+            best = 0
+            for j in range(1, k):
+                if a[j] > a[best]:
+                    best = j
+            if Yd == NULL:
+                ok = best == lab
+            else:
+                tbest = 0
+                for j in range(1, k):
+                    if t[j] > t[tbest]:
+                        tbest = j
+                ok = best == tbest
+        if ok:
+            hits += 1
+        # the data loss, in float64
+        li = 0.0
+        if loss == LOSS_MSE or loss == LOSS_SQE:
+            for j in range(k):
+                p = <double>a[j] - <double>t[j]
+                li += p * p
+            li = li / <double>k
+            if loss == LOSS_SQE:
+                li = 0.5 * li
+        elif loss == LOSS_POISSON:
+            for j in range(k):
+                tj = <double>t[j]
+                p = <double>a[j]
+                li += (0.0 if tj == 0.0 else tj * log(tj / p)) - tj + p
+        else:
+            # cross-entropy of probabilities clipped to [eps, 1 - eps] in the dtype (scikit-learn's log_loss)
+            for j in range(k):
+                d = a[j]
+                if d < eps_:
+                    d = eps_
+                if d > hi:
+                    d = hi
+                p = <double>d
+                tj = <double>t[j]
+                if output == ACT_SOFTMAX:
+                    li -= _xlogy(tj, p)
+                else:
+                    li -= _xlogy(tj, p) + _xlogy(1.0 - tj, 1.0 - p)
+        if sw != NULL:
+            ls += sw[i] * li
+        else:
+            ls += li
+        # the delta: (a - t) times the row's factor (2 c_i for the notebook's MSE)
+        if sw == NULL:
+            for j in range(k):
+                d = a[j] - t[j]
+                if loss == LOSS_MSE:
+                    d = 2 * d
+                o[j] = d / fn
+        else:
+            cw = <floating>(sw[i] / s)
+            for j in range(k):
+                d = a[j] - t[j]
+                if loss == LOSS_MSE:
+                    d = 2 * d
+                o[j] = d * cw
+        if loss == LOSS_MSE:
             if output == ACT_SIGMOID:
                 for j in range(k):
                     o[j] = o[j] * (a[j] * (1 - a[j]))
             elif output == ACT_SOFTMAX:
                 # softmax Jacobian applied to g: a * (g - sum(g * a))
-                s = 0
+                sm = 0
                 for j in range(k):
-                    s = s + o[j] * a[j]
+                    sm = sm + o[j] * a[j]
                 for j in range(k):
-                    o[j] = a[j] * (o[j] - s)
-    loss_sum[0] += ls
+                    o[j] = a[j] * (o[j] - sm)
+    if sw != NULL:
+        loss_sum[0] += (<double>n * ls) / s
+    else:
+        loss_sum[0] += ls
     n_correct[0] += hits
 
 
 # --------------------------------------------------------------- update
-cdef void _update_block(floating* W, floating* b, floating* D, floating* A, Py_ssize_t n, Py_ssize_t n_out,
-                        Py_ssize_t n_in, double lr, double l2, double l1, Py_ssize_t j0, Py_ssize_t j1,
-                        Py_ssize_t o0, Py_ssize_t o1) noexcept nogil:
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline floating _l1_step(floating w, floating c) noexcept nogil:
+    """``c sign(w)`` (0 at an exact zero)."""
+    return c if w > 0 else (-c if w < 0 else 0)
+
+
+cdef double _sumsq(floating* W, Py_ssize_t n_out, Py_ssize_t n_in, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """Sum of squares (float64) of the columns ``[j0, j1)`` of ``W (n_out, n_in)``."""
+    cdef double acc = 0.0, w
+    cdef Py_ssize_t o, j
+    cdef floating* row
+    for o in range(n_out):
+        row = W + o * n_in
+        for j in range(j0, j1):
+            w = <double>row[j]
+            acc += w * w
+    return acc
+
+
+cdef inline void _bias_grad(floating* D, Py_ssize_t n, Py_ssize_t n_out, Py_ssize_t o0, Py_ssize_t o1,
+                            floating* g) noexcept nogil:
+    """``g[o] = sum_r D[r, o]`` for the units ``[o0, o1)`` of ``D (n, n_out)``."""
+    cdef Py_ssize_t o, r
+    cdef floating s
+    for o in range(o0, o1):
+        s = 0
+        for r in range(n):
+            s = s + D[r * n_out + o]
+        g[o] = s
+
+
+cdef void _sgd_block(floating* W, floating* b, floating* D, floating* A, Py_ssize_t n, Py_ssize_t n_out,
+                     Py_ssize_t n_in, double lr, double beta, double l1, Py_ssize_t j0, Py_ssize_t j1,
+                     Py_ssize_t o0, Py_ssize_t o1) noexcept nogil:
     """SGD step on the input columns ``[j0, j1)`` of ``W (n_out, n_in)`` and the units ``[o0, o1)`` of ``b``.
 
-    ``W <- max(0, 1 - lr l2) W - lr l1 sign(W) - lr D.T A`` with ``D (n, n_out)``,
-    ``A (n, n_in)``: without L1 the decay is the gemm's ``beta`` and the gradient
-    gemm writes straight into ``W``; with L1 one pass applies decay and the L1
-    term (sign of the old ``W``) first and the gemm then adds with ``beta = 1``.
+    ``W <- beta W - lr l1 sign(W) - lr D.T A`` with ``D (n, n_out)``, ``A (n, n_in)`` and ``beta`` the
+    decay less ``lr alpha / s`` (scikit-learn's penalty, folded in): without L1 ``beta`` is the
+    product's own and the gradient product writes straight into ``W``; with L1 one pass applies
+    ``beta`` and the L1 term (sign of the old ``W``) first and the product then adds with ``beta = 1``.
+    ``b <- b - lr sum_r D[r]``.
     """
-    cdef double decay = 1.0 - lr * l2
-    cdef floating beta, dec, c, w, s
+    cdef floating fb, c, w, s
     cdef floating* row
     cdef Py_ssize_t o, j, r
-    if decay < 0.0:
-        decay = 0.0
     if l1 != 0.0:
-        dec = <floating>decay
+        fb = <floating>beta
         c = <floating>(lr * l1)
         for o in range(n_out):
             row = W + o * n_in
             for j in range(j0, j1):
                 w = row[j]
-                s = c if w > 0 else (-c if w < 0 else 0)
-                row[j] = dec * w - s
-        beta = 1
+                row[j] = fb * w - _l1_step(w, c)
+        fb = 1
     else:
-        beta = <floating>decay
-    # W[:, j0:j1] (n_out, j1 - j0) = beta W[:, j0:j1] - lr D.T (n_out, n) @ A[:, j0:j1] (n, j1 - j0)
+        fb = <floating>beta
+    # W[:, j0:j1] (n_out, j1 - j0) = fb W[:, j0:j1] - lr D.T (n_out, n) @ A[:, j0:j1] (n, j1 - j0)
     if j1 > j0:
-        _prod_tn(n_out, j1 - j0, n, D, 1, n_out, A + j0, n_in, W + j0, n_in, <floating>(-lr), beta)
+        _prod_tn(n_out, j1 - j0, n, D, 1, n_out, A + j0, n_in, W + j0, n_in, <floating>(-lr), fb)
     c = <floating>lr
     for o in range(o0, o1):
         s = 0
         for r in range(n):
             s = s + D[r * n_out + o]
         b[o] = b[o] - c * s
+
+
+ctypedef struct OptStep:
+    # the per-step scalars of an optimizer update, in float64 (each kernel rounds them to its dtype)
+    int opt
+    int eps_mode
+    double lr
+    double decay           # max(0, 1 - lr l2)
+    double l1step          # lr l1
+    double ga              # alpha / s
+    double momentum
+    double beta1
+    double beta2
+    double eps
+    double step            # Adam's step size: lr sqrt(c2) / c1 (sklearn) or lr / c1 (torch)
+    double sqrt_c2         # sqrt(1 - beta2^t)
+
+
+cdef void _opt_run(OptStep* p, floating* w, floating* g, floating* m, floating* v, Py_ssize_t n,
+                   bint penalized) noexcept nogil:
+    """One optimizer step on ``n`` contiguous parameters ``w`` with gradients ``g`` and state ``m``, ``v``.
+
+    ``penalized`` (weights): ``g`` gets ``alpha / s * w`` and ``w`` the decoupled decay and L1 term, all
+    from the weights before the step; biases are never penalized.  Then
+    ``w <- (decay w - lr l1 sign(w)) + u`` with ``u`` the optimizer's update (contract table).
+    """
+    cdef Py_ssize_t j
+    cdef floating x, gj, vj, mj, u
+    cdef floating ga = 0, dec = 1, cl = 0
+    cdef floating lr = <floating>p.lr, mu = <floating>p.momentum
+    cdef floating b1 = <floating>p.beta1, ob1 = <floating>(1.0 - p.beta1)
+    cdef floating b2 = <floating>p.beta2, ob2 = <floating>(1.0 - p.beta2)
+    cdef floating step = <floating>p.step, sc2 = <floating>p.sqrt_c2, eps = <floating>p.eps
+    if penalized:
+        ga = <floating>p.ga
+        dec = <floating>p.decay
+        cl = <floating>p.l1step
+    if p.opt == OPT_MOMENTUM:
+        for j in range(n):
+            x = w[j]
+            gj = g[j] + ga * x
+            vj = mu * m[j] - lr * gj
+            m[j] = vj
+            w[j] = (dec * x - _l1_step(x, cl)) + vj
+    elif p.opt == OPT_NESTEROV:
+        for j in range(n):
+            x = w[j]
+            gj = g[j] + ga * x
+            vj = mu * m[j] - lr * gj
+            m[j] = vj
+            w[j] = (dec * x - _l1_step(x, cl)) + (mu * vj - lr * gj)
+    elif p.eps_mode == EPS_TORCH:  # Adam / AdamW, PyTorch's epsilon: sqrt(v / c2) + eps
+        for j in range(n):
+            x = w[j]
+            gj = g[j] + ga * x
+            mj = b1 * m[j] + ob1 * gj
+            vj = b2 * v[j] + ob2 * (gj * gj)
+            m[j] = mj
+            v[j] = vj
+            u = -step * mj / (_sqrt(vj) / sc2 + eps)
+            w[j] = (dec * x - _l1_step(x, cl)) + u
+    else:  # Adam / AdamW, scikit-learn's epsilon: sqrt(v) + eps
+        for j in range(n):
+            x = w[j]
+            gj = g[j] + ga * x
+            mj = b1 * m[j] + ob1 * gj
+            vj = b2 * v[j] + ob2 * (gj * gj)
+            m[j] = mj
+            v[j] = vj
+            u = -step * mj / (_sqrt(vj) + eps)
+            w[j] = (dec * x - _l1_step(x, cl)) + u
+
+
+cdef void _opt_block(OptStep* p, floating* W, floating* b, floating* G, floating* Gb, floating* mW, floating* vW,
+                     floating* mb, floating* vb, floating* D, floating* A, Py_ssize_t n, Py_ssize_t n_out,
+                     Py_ssize_t n_in, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil:
+    """Gradient and optimizer step on the columns ``[j0, j1)`` of ``W`` and the units ``[o0, o1)`` of ``b``.
+
+    The gradient block ``G[:, j0:j1] = D.T A[:, j0:j1]`` comes from the matrix product (``beta = 0``),
+    then one fused pass per row applies the penalties and the optimizer (:func:`_opt_run`).  For the
+    ``gradient`` optimizer ``G`` and ``Gb`` are the state's own arrays: they get the gradient (with the
+    ``alpha`` term) and nothing steps.  ``mW``/``vW``/``mb``/``vb`` are the state slots (NULL when unused).
+    """
+    cdef Py_ssize_t o, j, w0 = j1 - j0
+    cdef floating ga
+    cdef floating* row
+    cdef floating* grow
+    if w0 > 0:
+        _prod_tn(n_out, w0, n, D, 1, n_out, A + j0, n_in, G + j0, n_in, <floating>1, <floating>0)
+    _bias_grad(D, n, n_out, o0, o1, Gb)
+    if p.opt == OPT_GRADIENT:
+        if p.ga != 0.0 and w0 > 0:
+            ga = <floating>p.ga
+            for o in range(n_out):
+                row = W + o * n_in
+                grow = G + o * n_in
+                for j in range(j0, j1):
+                    grow[j] = grow[j] + ga * row[j]
+        return
+    if w0 > 0:
+        for o in range(n_out):
+            _opt_run(p, W + o * n_in + j0, G + o * n_in + j0, mW + o * n_in + j0,
+                     vW + o * n_in + j0 if vW != NULL else NULL, w0, True)
+    if o1 > o0:
+        _opt_run(p, b + o0, Gb + o0, mb + o0, vb + o0 if vb != NULL else NULL, o1 - o0, False)
 
 
 # --------------------------------------------------------------- dropout
@@ -442,7 +691,9 @@ cdef void _gather_rows(floating* X, int64_t* idx, floating* out, Py_ssize_t r0, 
 # --------------------------------------------------------------- the epoch
 ctypedef struct EpochCtx:
     void* X
-    int64_t* y
+    int64_t* y             # labels (n_samples,), or NULL for dense targets
+    void* Yd               # dense targets (n_samples, n_out), or NULL for labels
+    double* sw             # sample weights (n_samples,), or NULL
     int64_t* order
     Py_ssize_t n_used
     Py_ssize_t batch_size
@@ -454,17 +705,32 @@ ctypedef struct EpochCtx:
     void** inp             # (L,) input of each layer after dropout (== raw[l] without dropout)
     void** mask            # (L,) dropout multipliers of hidden layer inputs, NULL without dropout
     void** delta           # (L + 1,) delta w.r.t. each layer's pre-activation; delta[0] unused
+    void** G               # (L,) weight gradients (the gradient optimizer: its state slot); unused by SGD
+    void** Gb              # (L,) bias gradients, likewise
+    void** mW              # (L,) state slot 0 of each W (velocity or first moment), or NULL
+    void** vW              # (L,) state slot 1 of each W (second moment), or NULL
+    void** mb              # (L,) the same slots of each b
+    void** vb
     double* lrs
     int hidden_act
     int output_act
     int loss
     double l2
     double l1
+    double alpha
+    int opt
+    int eps_mode
+    double momentum
+    double beta1
+    double beta2
+    double eps
+    int64_t t0             # the optimizer's step count before the epoch
     int64_t* thr           # (L,) keep thresholds; >= 2**24 means no dropout
     double* scales         # (L,)
     uint64_t seed
     uint64_t step0
     double* loss_acc       # (n_blocks * PAD,)
+    double* pen_acc        # (n_blocks * PAD,)
     int64_t* correct_acc   # (n_blocks * PAD,)
     int n_blocks           # row blocks of a minibatch and column blocks of a W; >= the thread count
 
@@ -486,12 +752,14 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
     """Thread ``tid`` of ``nth``'s share of a whole epoch (``tag`` only selects the dtype).
 
     Per minibatch: each thread gathers, forwards and back-propagates the deltas
-    of its own block of rows (rows are independent until the weight gradient);
-    after a barrier each thread updates its own block of input columns of every
-    ``W`` (and block of units of every ``b``) from all rows; a second barrier
-    keeps the next minibatch from reading ``W`` before every block is updated.
-    All deltas are computed with the old weights before any update, which is
-    what the reference's "lower delta, then update" order amounts to.
+    of its own blocks of rows (rows are independent until the weight gradient);
+    after a barrier each thread updates its own blocks of input columns of every
+    ``W`` (and blocks of units of every ``b``) from all rows, the optimizer fused
+    into that pass; a second barrier keeps the next minibatch from reading ``W``
+    before every block is updated.  All deltas are computed with the old weights
+    before any update, which is what the reference's "lower delta, then update"
+    order amounts to.  Every sum runs block by block in a fixed order, and the
+    blocks depend on ``n_blocks`` only: any thread count computes the same bits.
     """
     cdef floating* X = <floating*>c.X
     cdef floating** W = <floating**>c.W
@@ -500,21 +768,36 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
     cdef floating** inp = <floating**>c.inp
     cdef floating** mask = <floating**>c.mask
     cdef floating** delta = <floating**>c.delta
+    cdef floating** G = <floating**>c.G
+    cdef floating** Gb = <floating**>c.Gb
+    cdef floating** mW = <floating**>c.mW
+    cdef floating** vW = <floating**>c.vW
+    cdef floating** mb = <floating**>c.mb
+    cdef floating** vb = <floating**>c.vb
     cdef Py_ssize_t* sz = c.sizes
     cdef int L = c.L
     cdef int l, act
     cdef Py_ssize_t full = 1 << KEEP_BITS
     cdef Py_ssize_t bs = c.batch_size
     cdef Py_ssize_t n_steps = (c.n_used + bs - 1) // bs
-    cdef Py_ssize_t step, start, nb, r0, r1, j0, j1, o0, o1, nr, i, n_el, align
+    cdef Py_ssize_t step, start, nb, r0, r1, j0, j1, o0, o1, nr, i, n_el, align, r
     cdef int blk
     cdef int NB = c.n_blocks
     cdef int64_t* idx
     cdef uint64_t gstep
-    cdef double lr
+    cdef double lr, s, t, c1, c2
     cdef floating* hin
     cdef floating* hraw
     cdef floating* hm
+    cdef OptStep p
+    p.opt = c.opt
+    p.eps_mode = c.eps_mode
+    p.momentum = c.momentum
+    p.beta1 = c.beta1
+    p.beta2 = c.beta2
+    p.eps = c.eps
+    p.step = 0.0
+    p.sqrt_c2 = 1.0
     for step in range(n_steps):
         start = step * bs
         nb = c.n_used - start
@@ -523,6 +806,13 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
         idx = c.order + start
         gstep = c.step0 + <uint64_t>step
         lr = c.lrs[step]
+        # the minibatch's weight sum s: every thread adds the same numbers in the same order
+        if c.sw != NULL:
+            s = 0.0
+            for r in range(nb):
+                s += c.sw[idx[r]]
+        else:
+            s = <double>nb
         # the row phase, block by block: the blocks depend on the shape only, so any thread count
         # computes the same bits
         blk = tid
@@ -543,8 +833,8 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
                     hraw = raw[l + 1]
                     for i in range(r0 * sz[l + 1], r1 * sz[l + 1]):
                         hin[i] = hraw[i] * hm[i]
-            _output_delta_rows(raw[L], c.y, idx, c.output_act, c.loss, delta[L], r0, r1, sz[L], nb,
-                               c.loss_acc + blk * PAD, c.correct_acc + blk * PAD)
+            _output_delta_rows(raw[L], c.y, <floating*>c.Yd, idx, c.sw, s, c.output_act, c.loss, delta[L], r0, r1,
+                               sz[L], nb, c.loss_acc + blk * PAD, c.correct_acc + blk * PAD)
             for l in range(L - 1, 0, -1):
                 # delta[l] (nr, sz[l]) = delta[l+1] (nr, sz[l+1]) @ W[l] (sz[l+1], sz[l]), with the old W[l]
                 if nr > 0:
@@ -555,6 +845,22 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
                        mask[l] + r0 * sz[l] if mask[l] != NULL else NULL, n_el, c.hidden_act)
             blk = blk + nth
         fm_barrier(nth)
+        # the update phase: the step's scalars in float64, then column blocks of every W
+        p.lr = lr
+        p.decay = 1.0 - lr * c.l2
+        if p.decay < 0.0:
+            p.decay = 0.0
+        p.l1step = lr * c.l1
+        p.ga = c.alpha / s
+        if c.opt == OPT_ADAM or c.opt == OPT_ADAMW:
+            t = <double>(c.t0 + step + 1)
+            c1 = 1.0 - pow(c.beta1, t)
+            c2 = 1.0 - pow(c.beta2, t)
+            p.sqrt_c2 = sqrt(c2)
+            if c.eps_mode == EPS_TORCH:
+                p.step = lr / c1
+            else:
+                p.step = lr * sqrt(c2) / c1
         for l in range(L):
             # column blocks a multiple of 16 wide keep threads off each other's cache lines of W
             align = 16 if sz[l] >= 64 * NB else 1
@@ -562,7 +868,15 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
             while blk < NB:
                 _split(sz[l], blk, NB, align, &j0, &j1)
                 _split(sz[l + 1], blk, NB, 1, &o0, &o1)
-                _update_block(W[l], B[l], delta[l + 1], inp[l], nb, sz[l + 1], sz[l], lr, c.l2, c.l1, j0, j1, o0, o1)
+                if c.alpha != 0.0 and j1 > j0:
+                    # scikit-learn's penalty, from this block of the weights before the step
+                    c.pen_acc[blk * PAD] += <double>nb * (0.5 * c.alpha * _sumsq(W[l], sz[l + 1], sz[l], j0, j1) / s)
+                if c.opt == OPT_SGD:
+                    _sgd_block(W[l], B[l], delta[l + 1], inp[l], nb, sz[l + 1], sz[l], lr, p.decay - lr * p.ga, c.l1,
+                               j0, j1, o0, o1)
+                else:
+                    _opt_block(&p, W[l], B[l], G[l], Gb[l], mW[l], vW[l], mb[l], vb[l], delta[l + 1], inp[l], nb,
+                               sz[l + 1], sz[l], j0, j1, o0, o1)
                 blk = blk + nth
         fm_barrier(nth)
 
@@ -577,6 +891,16 @@ cdef void _worker_f64(void* ctx, int tid, int nth) noexcept nogil:
 
 cdef inline void* _data(object a):
     return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef _need(a, str name, dt, tuple shape, bint write=False):
+    """Raise ValueError unless ``a`` is a C-contiguous, aligned ndarray of dtype ``dt`` and this shape
+    (and writeable when ``write``): what every pointer handed to a kernel must be."""
+    if (not isinstance(a, np.ndarray) or a.dtype != dt or a.shape != shape or not a.flags.c_contiguous
+            or not a.flags.aligned or (write and not a.flags.writeable)):
+        got = f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{name} must be a C-contiguous, aligned{' writeable' if write else ''} "
+                         f"{np.dtype(dt).name} array of shape {shape}, got {got}")
 
 
 cdef object _ptr_array(list arrs):
@@ -595,11 +919,13 @@ def forward(const floating[:, ::1] A, const floating[:, ::1] W, const floating[:
     W : ndarray (n_out, n_in)
     b : ndarray (n_out,)
     act : int
-        Activation code (``_contract.ACT_CODES``).
+        Activation code (``fastmlp.backends.contract.ACT_CODES``).
     out : ndarray (n_samples, n_out)
         Written in place.
     """
     cdef Py_ssize_t n = A.shape[0], n_in = A.shape[1], n_out = W.shape[0]
+    if W.shape[1] != n_in or b.shape[0] != n_out or out.shape[0] != n or out.shape[1] != n_out:
+        raise ValueError("forward: A (n, n_in), W (n_out, n_in), b (n_out,) and out (n, n_out) do not fit")
     if n == 0 or n_out == 0:
         return
     cdef floating* pa = NULL
@@ -612,18 +938,19 @@ def forward(const floating[:, ::1] A, const floating[:, ::1] W, const floating[:
         _forward_rows(pa, pw, <floating*>&b[0], &out[0, 0], n, n_in, n_out, act)
 
 
-def output_delta(const floating[:, ::1] A, const int64_t[::1] y, int output, int loss, floating[:, ::1] out):
-    """Delta of the loss w.r.t. the output pre-activation, straight from integer labels.
+def output_delta(const floating[:, ::1] A, Y, int output, int loss, floating[:, ::1] out):
+    """Delta of the loss w.r.t. the output pre-activation, unweighted (``c_i = 1/n``).
 
     Parameters
     ----------
-    A : ndarray (n_samples, n_classes)
+    A : ndarray (n_samples, n_out)
         Output activations.
-    y : ndarray of int64 (n_samples,)
-        Class indices.
+    Y : ndarray
+        int64 class indices ``(n_samples,)`` (one-hot targets for ``n_out >= 2``, the label itself for
+        one unit), or dense targets ``(n_samples, n_out)`` of ``A``'s dtype.
     output, loss : int
         Output activation and loss codes (a pair of ``VALID_OUTPUT_LOSS``).
-    out : ndarray (n_samples, n_classes)
+    out : ndarray (n_samples, n_out)
         The delta, written in place.
 
     Returns
@@ -631,15 +958,35 @@ def output_delta(const floating[:, ::1] A, const int64_t[::1] y, int output, int
     loss_sum : float
         Data loss summed over the samples (float64 accumulation).
     n_correct : int
-        Rows whose first arg-max equals the label.
+        Rows whose prediction matches the target (``fastmlp.backends.contract``).
     """
     cdef Py_ssize_t n = A.shape[0], k = A.shape[1]
     cdef double ls = 0.0
     cdef int64_t nc = 0
+    cdef const int64_t[::1] y
+    cdef const floating[:, ::1] Yd
+    cdef int64_t* py = NULL
+    cdef floating* pY = NULL
+    if out.shape[0] != n or out.shape[1] != k:
+        raise ValueError(f"out must have the shape of A {(n, k)}, got {(out.shape[0], out.shape[1])}")
+    if not isinstance(Y, np.ndarray):
+        raise TypeError(f"Y must be a numpy array, got {type(Y).__name__}")
+    if Y.ndim == 1:
+        y = Y
+        if y.shape[0] != n:
+            raise ValueError(f"Y has {y.shape[0]} labels for {n} rows")
+        if n:
+            py = <int64_t*>&y[0]
+    else:
+        Yd = Y
+        if Yd.shape[0] != n or Yd.shape[1] != k:
+            raise ValueError(f"dense Y must have the shape of A {(n, k)}, got {(Yd.shape[0], Yd.shape[1])}")
+        if n and k:
+            pY = <floating*>&Yd[0, 0]
     if n == 0 or k == 0:
         return 0.0, 0
     with nogil:
-        _output_delta_rows(<floating*>&A[0, 0], <int64_t*>&y[0], NULL, output, loss, &out[0, 0], 0, n, k, n,
+        _output_delta_rows(<floating*>&A[0, 0], py, pY, NULL, NULL, <double>n, output, loss, &out[0, 0], 0, n, k, n,
                            &ls, &nc)
     return ls, nc
 
@@ -666,10 +1013,16 @@ def hidden_delta(const floating[:, ::1] D_next, const floating[:, ::1] W_next, c
     cdef Py_ssize_t n = A.shape[0], n_units = A.shape[1], n_next = W_next.shape[0]
     cdef const floating[:, ::1] m
     cdef floating* pm = NULL
+    if (D_next.shape[0] != n or D_next.shape[1] != n_next or W_next.shape[1] != n_units or out.shape[0] != n
+            or out.shape[1] != n_units):
+        raise ValueError("hidden_delta: D_next (n, n_next), W_next (n_next, n_units), A and out (n, n_units) do not fit")
+    if mask is not None:
+        m = mask
+        if m.shape[0] != n or m.shape[1] != n_units:
+            raise ValueError("hidden_delta: mask must have the shape of A")
     if n == 0 or n_units == 0:
         return
     if mask is not None:
-        m = mask
         pm = <floating*>&m[0, 0]
     with nogil:
         if n_next > 0:
@@ -696,22 +1049,27 @@ def inplace_update(floating[:, ::1] W, floating[::1] b, const floating[:, ::1] D
         Learning rate, L2 and L1 penalties (biases are never penalized).
     """
     cdef Py_ssize_t n_out = W.shape[0], n_in = W.shape[1], n = D.shape[0]
+    if b.shape[0] != n_out or D.shape[1] != n_out or A.shape[0] != n or A.shape[1] != n_in:
+        raise ValueError("inplace_update: W (n_out, n_in), b (n_out,), D (n, n_out) and A (n, n_in) do not fit")
     if n_out == 0:
         return
+    cdef double decay = 1.0 - lr * l2
+    if decay < 0.0:
+        decay = 0.0
     cdef floating* pd = <floating*>&D[0, 0] if n > 0 else &b[0]
     cdef floating* pa = <floating*>&A[0, 0] if n > 0 and n_in > 0 else &b[0]
     if n_in == 0:
         # no weights: only the bias moves
         with nogil:
-            _update_block(&b[0], &b[0], pd, pa, n, n_out, 0, lr, l2, l1, 0, 0, 0, n_out)
+            _sgd_block(&b[0], &b[0], pd, pa, n, n_out, 0, lr, decay, l1, 0, 0, 0, n_out)
         return
     with nogil:
-        _update_block(&W[0, 0], &b[0], pd, pa, n, n_out, n_in, lr, l2, l1, 0, n_in, 0, n_out)
+        _sgd_block(&W[0, 0], &b[0], pd, pa, n, n_out, n_in, lr, decay, l1, 0, n_in, 0, n_out)
 
 
 def dropout_mask(uint64_t seed, uint64_t step, uint64_t layer, int64_t keep_threshold, double scale,
                  floating[:, ::1] out):
-    """Counter-based dropout multipliers, bit-identical to ``_contract.mask_bits``.
+    """Counter-based dropout multipliers, bit-identical to ``fastmlp.backends.contract.mask_bits``.
 
     Parameters
     ----------
@@ -797,12 +1155,29 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
         thread meanwhile); ignored without OpenMP.
     """
     cdef Py_ssize_t chunk = 256
+    cdef int l, L = len(weights)
+    if not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype not in (np.float32, np.float64):
+        raise ValueError("X must be a 2-D float32 or float64 array")
+    dt = X.dtype
+    _need(X, "X", dt, X.shape)
+    if L < 1 or len(biases) != L:
+        raise ValueError(f"weights and biases need one array per layer, got {L} and {len(biases)}")
+    sz = [X.shape[1]]
+    for l in range(L):
+        if not isinstance(weights[l], np.ndarray) or weights[l].ndim != 2:
+            raise ValueError(f"weights[{l}] must be a 2-D array")
+        sz.append(weights[l].shape[0])
+        _need(weights[l], f"weights[{l}]", dt, (sz[l + 1], sz[l]))
+        _need(biases[l], f"biases[{l}]", dt, (sz[l + 1],))
+    _need(out, "out", dt, (X.shape[0], sz[L]), True)
+    if X.shape[0] == 0 or sz[L] == 0:
+        return
     if not HAVE_OPENMP or n_threads < 1:
         n_threads = 1
-    wmax = max([W.shape[0] for W in weights])
+    wmax = max(1, max(sz[1:]))
     bufs = [np.empty((chunk, wmax), dtype=X.dtype) for _ in range(2 * n_threads)]
     p_w, p_b, p_buf = _ptr_array(weights), _ptr_array(biases), _ptr_array(bufs)
-    sizes = np.array([X.shape[1]] + [W.shape[0] for W in weights], np.intp)
+    sizes = np.array(sz, np.intp)
     cdef ForwardCtx c
     c.X = _data(X)
     c.out = _data(out)
@@ -821,112 +1196,204 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
         fm_run_parallel(_fwd_worker_f32 if f32 else _fwd_worker_f64, &c, nth)
 
 
-def train_epoch(X, y, order, list weights, list biases, lrs, int hidden_act, int output_act, int loss,
-                Py_ssize_t batch_size, double l2, double l1, thresholds, scales, uint64_t seed, uint64_t step0,
-                int n_threads=1, int n_blocks=0):
-    """One epoch of minibatch SGD in one compiled call, without the GIL (see ``reference.train_epoch``).
+def train_epoch(X, Y, order, list weights, list biases, list state_weights, list state_biases, lrs, sample_weight,
+                int hidden_act, int output_act, int loss, int target, Py_ssize_t batch_size, double l2, double l1,
+                double alpha, thresholds, scales, int optimizer, double momentum, double beta1, double beta2,
+                double eps, int eps_mode, uint64_t seed, uint64_t step0, int64_t t0, int n_threads=1, int n_blocks=0):
+    """One training epoch in one compiled call, without the GIL (semantics of ``reference.train_epoch``).
 
     Parameters
     ----------
     X : ndarray (n_samples, n_in)
-    y : ndarray of int64 (n_samples,)
+    Y : ndarray
+        int64 labels ``(n_samples,)`` (``target`` 0) or dense targets ``(n_samples, n_out)`` of ``X``'s
+        dtype (``target`` 1).
     order : ndarray of int64 (n_used,)
         Rows in visiting order; the last minibatch may be partial.
     weights, biases : lists of ndarray ``(n_out, n_in)`` / ``(n_out,)``
         Updated in place.
+    state_weights, state_biases : lists (one per state slot) of lists (one per layer) of ndarray
+        The optimizer's arrays (``OptimizerState.weights`` / ``.biases``), updated in place.
     lrs : ndarray of float64 (n_steps,)
         Learning rate of each step.
-    hidden_act, output_act, loss : int
-        Activation and loss codes.
+    sample_weight : ndarray of float64 (n_samples,) or None
+        Row weights; every minibatch must have a positive sum.
+    hidden_act, output_act, loss, target : int
+        Activation, loss and target codes.
     batch_size : int
-    l2, l1 : float
-        Penalties.
+    l2, l1, alpha : float
+        Decoupled decay, L1 and scikit-learn's L2 penalty.
     thresholds : ndarray of int64 (n_layers,)
         Dropout keep threshold of each layer's input (``2**24``: no dropout).
     scales : ndarray of float64 (n_layers,)
         Multiplier of a kept unit.
+    optimizer, eps_mode : int
+        Optimizer and Adam epsilon-mode codes.
+    momentum, beta1, beta2, eps : float
+        The optimizer's hyper-parameters.
     seed, step0 : int
         Dropout hash seed and global step of the first minibatch.
+    t0 : int
+        The optimizer's step count before the epoch (step ``i`` uses ``t = t0 + i + 1``).
     n_threads : int
-        OpenMP threads (each takes a block of every minibatch's rows and a block
-        of every ``W``'s columns); the caller must keep BLAS single-threaded
-        when this is above 1.  Ignored without OpenMP.
+        OpenMP threads (each takes blocks of every minibatch's rows and blocks of every ``W``'s
+        columns); the caller must keep BLAS single-threaded when this is above 1.  Ignored
+        without OpenMP.
     n_blocks : int
         Row blocks of every minibatch and column blocks of every ``W`` (0: ``n_threads``).  The result
         depends on the blocks only, not on how many threads run them.
 
     Returns
     -------
-    loss_sum : float
+    loss_sum, penalty_sum : float
     n_correct : int
     """
-    cdef int L = len(weights), l
-    cdef Py_ssize_t n_used = order.shape[0]
+    cdef int L = len(weights), l, n_slots
+    cdef Py_ssize_t n, n_used, n_steps
     cdef EpochCtx c
-    if n_used == 0 or batch_size <= 0:
-        return 0.0, 0
+    # ---- every argument checked here, before the GIL is released (the raw kernel must never crash)
+    if not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype not in (np.float32, np.float64):
+        raise ValueError("X must be a 2-D float32 or float64 array")
+    dt = X.dtype
+    n = X.shape[0]
+    _need(X, "X", dt, X.shape)
+    if L < 1 or len(biases) != L:
+        raise ValueError(f"weights and biases need one array per layer, got {L} and {len(biases)}")
+    sz = [X.shape[1]]
+    for l in range(L):
+        W = weights[l]
+        if not isinstance(W, np.ndarray) or W.ndim != 2:
+            raise ValueError(f"weights[{l}] must be a 2-D array")
+        sz.append(W.shape[0])
+        _need(W, f"weights[{l}]", dt, (sz[l + 1], sz[l]), True)
+        _need(biases[l], f"biases[{l}]", dt, (sz[l + 1],), True)
+    if min(sz) < 1:
+        raise ValueError(f"every layer needs at least one unit, got sizes {sz}")
+    if optimizer not in _SLOTS:
+        raise ValueError(f"unknown optimizer code {optimizer}")
+    n_slots = _SLOTS[optimizer]
+    if len(state_weights) != n_slots or len(state_biases) != n_slots:
+        raise ValueError(f"optimizer code {optimizer} keeps {n_slots} state slots, got {len(state_weights)} and "
+                         f"{len(state_biases)}")
+    for s_ in range(n_slots):
+        if len(state_weights[s_]) != L or len(state_biases[s_]) != L:
+            raise ValueError(f"state slot {s_} needs one array per layer")
+        for l in range(L):
+            _need(state_weights[s_][l], f"state slot {s_} weights[{l}]", dt, (sz[l + 1], sz[l]), True)
+            _need(state_biases[s_][l], f"state slot {s_} biases[{l}]", dt, (sz[l + 1],), True)
+    if not (0 <= hidden_act <= ACT_RELU and output_act in (ACT_IDENTITY, ACT_SIGMOID, ACT_SOFTMAX, ACT_EXP)
+            and LOSS_MSE <= loss <= LOSS_POISSON and eps_mode in (EPS_SKLEARN, EPS_TORCH)):
+        raise ValueError("unknown activation, loss or epsilon-mode code")
+    if target == TARGET_LABELS:
+        _need(Y, "Y (labels)", np.int64, (n,))
+    elif target == TARGET_DENSE:
+        _need(Y, "Y (dense targets)", dt, (n, sz[L]))
+    else:
+        raise ValueError(f"unknown target code {target}")
+    if not isinstance(order, np.ndarray) or order.ndim != 1:
+        raise ValueError("order must be a 1-D int64 array")
+    n_used = order.shape[0]
+    _need(order, "order", np.int64, (n_used,))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n_steps = (n_used + batch_size - 1) // batch_size
+    if n_used and (order.min() < 0 or order.max() >= n):
+        raise ValueError(f"order must index rows of X in [0, {n})")
+    if not isinstance(lrs, np.ndarray) or lrs.ndim != 1 or lrs.shape[0] < n_steps:
+        raise ValueError(f"lrs must be a float64 array of at least {n_steps} learning rates")
+    _need(lrs, "lrs", np.float64, lrs.shape)
+    if sample_weight is not None:
+        _need(sample_weight, "sample_weight", np.float64, (n,))
+    _need(thresholds, "thresholds", np.int64, (L,))
+    _need(scales, "scales", np.float64, (L,))
+    if n_used == 0:
+        return 0.0, 0.0, 0
     if not FM_HAVE_OPENMP or n_threads < 1:
         n_threads = 1
     if n_blocks < 1:
         n_blocks = n_threads
     if n_threads > n_blocks:
         n_threads = n_blocks
-    dt = X.dtype
+
+    # ---- work buffers, allocated once per call; these lists hold them alive through the nogil section
     nb = min(batch_size, n_used)
-    thr = np.ascontiguousarray(thresholds, dtype=np.int64)
-    sc = np.ascontiguousarray(scales, dtype=np.float64)
-    lr_arr = np.ascontiguousarray(lrs, dtype=np.float64)
-    sizes = np.array([X.shape[1]] + [W.shape[0] for W in weights], dtype=np.intp)
+    sizes = np.array(sz, dtype=np.intp)
     full = 1 << KEEP_BITS
-    # work buffers, allocated once per call; `keep` holds them alive through the nogil section
-    raw = [None] + [np.empty((nb, sizes[l + 1]), dt) for l in range(L)]
-    inp = [np.empty((nb, sizes[0]), dt)]
+    raw = [None] + [np.empty((nb, sz[l + 1]), dt) for l in range(L)]
+    inp = [np.empty((nb, sz[0]), dt)]
     mask = [None]
     for l in range(1, L):
-        if thr[l] < full:
-            mask.append(np.empty((nb, sizes[l]), dt))
-            inp.append(np.empty((nb, sizes[l]), dt))
+        if thresholds[l] < full:
+            mask.append(np.empty((nb, sz[l]), dt))
+            inp.append(np.empty((nb, sz[l]), dt))
         else:
             mask.append(None)
             inp.append(raw[l])
-    delta = [None] + [np.empty((nb, sizes[l + 1]), dt) for l in range(L)]
-
-    p_w, p_b, p_raw, p_inp, p_mask, p_delta = (_ptr_array(weights), _ptr_array(biases), _ptr_array(raw),
-                                               _ptr_array(inp), _ptr_array(mask), _ptr_array(delta))
+    delta = [None] + [np.empty((nb, sz[l + 1]), dt) for l in range(L)]
+    if optimizer == OPT_SGD:
+        G, Gb = [None] * L, [None] * L
+    elif optimizer == OPT_GRADIENT:  # the gradient goes straight into the state
+        G, Gb = state_weights[0], state_biases[0]
+    else:
+        G = [np.empty((sz[l + 1], sz[l]), dt) for l in range(L)]
+        Gb = [np.empty(sz[l + 1], dt) for l in range(L)]
+    none = [None] * L
+    slot_w = [state_weights[0] if n_slots >= 1 and optimizer != OPT_GRADIENT else none,
+              state_weights[1] if n_slots >= 2 else none]
+    slot_b = [state_biases[0] if n_slots >= 1 and optimizer != OPT_GRADIENT else none,
+              state_biases[1] if n_slots >= 2 else none]
+    tables = [_ptr_array(list(t)) for t in (weights, biases, raw, inp, mask, delta, G, Gb, *slot_w, *slot_b)]
     loss_acc = np.zeros(n_blocks * PAD, np.float64)
+    pen_acc = np.zeros(n_blocks * PAD, np.float64)
     correct_acc = np.zeros(n_blocks * PAD, np.int64)
-    yy = np.ascontiguousarray(y, dtype=np.int64)
-    oo = np.ascontiguousarray(order, dtype=np.int64)
 
     c.X = _data(X)
-    c.y = <int64_t*>_data(yy)
-    c.order = <int64_t*>_data(oo)
+    c.y = <int64_t*>_data(Y) if target == TARGET_LABELS else NULL
+    c.Yd = _data(Y) if target == TARGET_DENSE else NULL
+    c.sw = <double*>_data(sample_weight) if sample_weight is not None else NULL
+    c.order = <int64_t*>_data(order)
     c.n_used = n_used
     c.batch_size = batch_size
     c.L = L
     c.sizes = <Py_ssize_t*>_data(sizes)
-    c.W = <void**>_data(p_w)
-    c.b = <void**>_data(p_b)
-    c.raw = <void**>_data(p_raw)
-    c.inp = <void**>_data(p_inp)
-    c.mask = <void**>_data(p_mask)
-    c.delta = <void**>_data(p_delta)
-    c.lrs = <double*>_data(lr_arr)
+    c.W = <void**>_data(tables[0])
+    c.b = <void**>_data(tables[1])
+    c.raw = <void**>_data(tables[2])
+    c.inp = <void**>_data(tables[3])
+    c.mask = <void**>_data(tables[4])
+    c.delta = <void**>_data(tables[5])
+    c.G = <void**>_data(tables[6])
+    c.Gb = <void**>_data(tables[7])
+    c.mW = <void**>_data(tables[8])
+    c.vW = <void**>_data(tables[9])
+    c.mb = <void**>_data(tables[10])
+    c.vb = <void**>_data(tables[11])
+    c.lrs = <double*>_data(lrs)
     c.hidden_act = hidden_act
     c.output_act = output_act
     c.loss = loss
     c.l2 = l2
     c.l1 = l1
-    c.thr = <int64_t*>_data(thr)
-    c.scales = <double*>_data(sc)
+    c.alpha = alpha
+    c.opt = optimizer
+    c.eps_mode = eps_mode
+    c.momentum = momentum
+    c.beta1 = beta1
+    c.beta2 = beta2
+    c.eps = eps
+    c.t0 = t0
+    c.thr = <int64_t*>_data(thresholds)
+    c.scales = <double*>_data(scales)
     c.seed = seed
     c.step0 = step0
     c.loss_acc = <double*>_data(loss_acc)
+    c.pen_acc = <double*>_data(pen_acc)
     c.correct_acc = <int64_t*>_data(correct_acc)
     c.n_blocks = n_blocks
     cdef fm_worker_t fn = _worker_f64
     if dt == np.float32:
         fn = _worker_f32
+    cdef int nth = n_threads
     with nogil:
-        fm_run_parallel(fn, &c, n_threads)
-    return float(loss_acc.sum()), int(correct_acc.sum())
+        fm_run_parallel(fn, &c, nth)
+    return float(loss_acc.sum()), float(pen_acc.sum()), int(correct_acc.sum())
