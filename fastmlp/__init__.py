@@ -8,9 +8,11 @@ pure-NumPy reference backend that defines the maths, and
 from fastmlp._version import __version__
 from fastmlp.backends import available_backends, get_backend
 from fastmlp.callbacks import Callback, EarlyStopping
+from fastmlp.history import History
 from fastmlp.lr_finder import LRFinderResult, lr_find
 from fastmlp.mc_dropout import MCPrediction
 from fastmlp.network import Network
+from fastmlp.optimizers import SGD, Adam, AdamW
 from fastmlp.schedules import (
     Constant,
     CosineAnnealingLR,
@@ -20,9 +22,12 @@ from fastmlp.schedules import (
     Schedule,
     StepLR,
 )
-from fastmlp.training import History, fit
+from fastmlp.training import fit
 
 __all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
     "Callback",
     "Constant",
     "CosineAnnealingLR",

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from fastmlp import _classic
+from fastmlp import _classic, _threads
 from fastmlp.backends import available_backends, get_backend
-from fastmlp.backends.contract import ACT_CODES, KEEP_BITS, LOSS_CODES
+from fastmlp.backends.contract import ACT_CODES, plan_epoch
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def simd_gemm_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float | None:
         cy.hidden_delta(parts[0][i], W, ones, ident, None, parts[1][i])
 
     best = np.inf
-    with cy._blas_pinned(), ThreadPoolExecutor(2) as pool:
+    with _threads.blas_pinned(), ThreadPoolExecutor(2) as pool:
         for fn in (forward, lambda: list(pool.map(delta, range(2)))):
             fn()
             for _ in range(repeats):
@@ -175,21 +175,16 @@ class _Runner:
 
 
 def _fastmlp_runner(backend: str, dtype: str, cfg: Config, X: np.ndarray, y: np.ndarray) -> _Runner:
+    """One backend's epoch: the configuration's plan (plain SGD, no dropout), the data prepared once."""
     be = get_backend(backend)
     Ws, bs = _init(cfg, dtype)
-    Xc = np.ascontiguousarray(X, dtype=dtype)
+    plan = plan_epoch(cfg.layers, dtype, batch_size=cfg.batch_size, hidden=cfg.hidden, output=cfg.output, loss=cfg.loss)
+    epochs = be.prepare(np.ascontiguousarray(X, dtype=dtype), y, plan)
     rng = np.random.default_rng(0)
-    n = Xc.shape[0]
-    n_steps = -(-n // cfg.batch_size)
-    L = len(Ws)
-    thr = np.full(L, 1 << KEEP_BITS, dtype=np.int64)
-    scales = np.ones(L)
-    lrs = np.full(n_steps, cfg.lr)
-    codes = (ACT_CODES[cfg.hidden], ACT_CODES[cfg.output], LOSS_CODES[cfg.loss])
+    n = X.shape[0]
 
     def epoch() -> None:
-        order = rng.permutation(n)
-        be.raw.train_epoch(Xc, y, order, Ws, bs, lrs, *codes, cfg.batch_size, 0.0, 0.0, thr, scales, 0, 0)
+        epochs(rng.permutation(n), (Ws, bs), None, cfg.lr)
 
     return _Runner(backend, dtype, epoch)
 

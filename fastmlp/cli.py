@@ -152,6 +152,8 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation", default="sigmoid", choices=["sigmoid", "tanh", "relu", "identity"])
     g.add_argument("--output", default=None, choices=["sigmoid", "softmax", "identity"],
                    help="output activation (default: sigmoid for mse, softmax for ce)")  # fmt: skip
+    g.add_argument("--init", default="normal", choices=["normal", "glorot", "he"],
+                   help="weight initialisation (default normal: N(0, 0.1), the notebook's)")  # fmt: skip
     g.add_argument("--loss", default="mse", choices=["mse", "ce"])
     g.add_argument("--backend", default="auto", help="auto, cython, numba or numpy (default auto)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -163,9 +165,9 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
 def _build_network(args: argparse.Namespace, n_features: int, n_classes: int) -> Any:
     from fastmlp import Network
 
-    output = args.output or ("softmax" if args.loss == "ce" else "sigmoid")
-    return Network([n_features, *args.hidden, n_classes], activation=args.activation, output=output, loss=args.loss,
-                   dtype=args.dtype, backend=args.backend, seed=args.seed)  # fmt: skip
+    # output=None: the network's default for the loss (sigmoid for mse, softmax for ce)
+    return Network([n_features, *args.hidden, n_classes], activation=args.activation, output=args.output, loss=args.loss,
+                   dtype=args.dtype, backend=args.backend, seed=args.seed, init=args.init)  # fmt: skip
 
 
 def _n_classes(*ys: np.ndarray) -> int:
@@ -206,8 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"Data: {name}: {len(Xtr)} train, {0 if Xva is None else len(Xva)} valid, {len(Xte)} test rows")
         print(f"Model: {net!r}", flush=True)
     t0 = time.perf_counter()
-    hist = net.fit(Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, lr=lr, X_valid=Xva, y_valid=yva,
-                   seed=args.seed, verbose=False, l1=args.l1, l2=args.l2, dropout=args.dropout,
+    hist = net.fit(Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
+                   X_valid=Xva, y_valid=yva, seed=args.seed, verbose=False, l1=args.l1, l2=args.l2, dropout=args.dropout,
                    input_dropout=args.input_dropout, early_stopping=args.patience or None,
                    callbacks=[_progress_callback(args.epochs, args.quiet)])  # fmt: skip
     wall = time.perf_counter() - t0
@@ -255,6 +257,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         net = Network.load(args.model, backend=args.backend)
     except FileNotFoundError as exc:
         raise CLIError(f"--model {args.model}: {exc}") from None
+    if net.is_regressor:
+        raise CLIError(f"--model {args.model}: a regression network ({net.output} output, {net.loss} loss); "
+                       "fastmlp predict reports the accuracy of classifiers")  # fmt: skip
     name, _, _, Xte, yte = load_data(args.data, quiet=True)
     if Xte.shape[1] != net.n_features:
         raise CLIError(f"the model expects {net.n_features} features but {name} has {Xte.shape[1]}")
@@ -321,6 +326,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             mod = get_backend(name).raw
             extra = getattr(mod, "describe", lambda: "")()
             print(f"  {name:7s} loaded{(' - ' + extra) if extra else ''}")
+    from fastmlp import _threads
+
+    env = os.environ.get("FASTMLP_NUM_THREADS")
+    print(f"Threads: compiled epochs use up to {_threads.thread_budget()} of the {_threads.cpu_count()} CPUs this "
+          f"process may run on ($FASTMLP_NUM_THREADS={env or 'unset'})")  # fmt: skip
     try:
         feats = np._core._multiarray_umath.__cpu_features__  # type: ignore[attr-defined]
         have = [f for f in ("SSE42", "AVX", "AVX2", "FMA3", "AVX512F") if feats.get(f)]
@@ -361,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=50)
     g.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate (default 0.1)")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "nesterov", "adam", "adamw"],
+                   help="sgd (default: plain minibatch SGD, the notebook's), momentum or nesterov (0.9), "
+                        "adam (scikit-learn's) or adamw (PyTorch's, weight decay 0.01)")  # fmt: skip
     g.add_argument("--schedule", default=None, choices=["constant", "linear", "step", "exp", "cosine", "plateau"],
                    help="learning-rate schedule (default constant)")  # fmt: skip
     g.add_argument("--l1", type=_nonneg_float, default=0.0)

@@ -11,7 +11,8 @@ They consume the global ``np.random`` state exactly as the notebook does (one
 gradient scaling (``2(a - y)/batch_size``) and its dropping of a partial last
 minibatch, and compute in float64 — so they give the notebook's numbers.  The
 difference: :func:`train` runs each epoch through the fastest available
-backend's compiled ``train_epoch`` instead of a Python loop over minibatches.
+backend's compiled epoch (one :class:`~fastmlp.backends.contract.EpochPlan`,
+the data validated once per call) instead of a Python loop over minibatches.
 
 Set ``fastmlp.compat.backend = "numpy"`` (or ``FASTMLP_BACKEND``) to choose
 the backend; ``minibatch_size`` is read at call time as in the notebook.
@@ -25,8 +26,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from fastmlp import _validation as V
-from fastmlp.backends import get_backend
-from fastmlp.backends.contract import ACT_CODES, KEEP_BITS, LOSS_CODES
+from fastmlp.backends import PreparedEpochs, get_backend
+from fastmlp.backends.contract import ACT_CODES, plan_epoch
 
 __all__ = [
     "NeuralNetMLP",
@@ -252,6 +253,7 @@ def train(
     epoch_loss: list[float] = []
     epoch_train_acc: list[float] = []
     epoch_valid_acc: list[float] = []
+    run_context: contextlib.AbstractContextManager = contextlib.nullcontext()
     if plain:
         weights, biases = _params(model)
         Xc, yc = _check_data(X_train, y_train, weights[0].shape[1], model.num_classes, mbs, "train")
@@ -259,27 +261,24 @@ def train(
         # (compute_mse_and_acc below runs with its default minibatch of 100)
         _check_data(X_train, y_train, weights[0].shape[1], model.num_classes, 100, "train")
         Xv, yv = _check_data(X_valid, y_valid, weights[0].shape[1], model.num_classes, 100, "valid")
-        full = 1 << KEEP_BITS
-        no_drop = np.array([full, full], dtype=np.int64)
-        ones = np.ones(2)
-    # keep the compiled backend's BLAS on one thread across epochs and evaluations (see backends.cython.fit_context)
-    run_context: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if plain:
+        epochs = _notebook_epochs(weights, Xc, yc, mbs)
+        # keep the compiled backend's BLAS on one thread across epochs and evaluations (backends.cython.fit_context)
         fit_context = getattr(get_backend(backend).raw, "fit_context", None)
         if fit_context is not None:
-            run_context = fit_context([weights[0].shape[1], weights[0].shape[0], weights[1].shape[0]], mbs)
+            run_context = fit_context(list(epochs.plan.sizes), mbs)
     with run_context:
         for e in range(num_epochs):
-            if plain:
+            if plain and all(V.all_finite(a) for a in (*weights, *biases)):
                 indices = np.arange(Xc.shape[0])
                 np.random.shuffle(indices)
+                # the notebook drops the partial last minibatch: visit only the full ones
                 order = indices[: (Xc.shape[0] // mbs) * mbs]
-                lrs = np.full(order.shape[0] // mbs, lr)
-                be = _backend_for(weights, biases)
-                be.raw.train_epoch(Xc, yc, order, weights, biases, lrs, ACT_CODES["sigmoid"], ACT_CODES["sigmoid"],
-                                   LOSS_CODES["mse"], mbs, 0.0, 0.0, no_drop, ones, 0, 0)  # fmt: skip
+                epochs(order, (weights, biases), None, lr)
             else:
-                for X_train_mini, y_train_mini in minibatch_generator(X_train, y_train, mbs):
+                # a model of its own maths, or a diverged one (the compiled epoch takes finite numbers only;
+                # this loop propagates NaN/Inf exactly as the notebook does)
+                Xe, ye = (Xc, yc) if plain else (X_train, y_train)
+                for X_train_mini, y_train_mini in minibatch_generator(Xe, ye, mbs):
                     a_h, a_out = model.forward(X_train_mini)
                     d_w_out, d_b_out, d_w_h, d_b_h = model.backward(X_train_mini, a_h, a_out, y_train_mini)
                     model.weight_h -= lr * d_w_h
@@ -307,3 +306,18 @@ def train(
                 f"| Valid Acc: {valid_acc:.2f}%"
             )
     return epoch_loss, epoch_train_acc, epoch_valid_acc
+
+
+def _notebook_epochs(weights: list[np.ndarray], Xc: np.ndarray, yc: np.ndarray, mbs: int) -> PreparedEpochs:
+    """The notebook's epoch on validated data, prepared once: sigmoid/sigmoid, MSE, plain SGD, no dropout.
+
+    The targets are the notebook's one-hot rows: integer labels for two classes or more, and for a single
+    output unit the dense column ``int_to_onehot(y, 1)`` (all ones), which the contract's labels would
+    read as the 0/1 target of a binary unit instead.
+    """
+    sizes = [weights[0].shape[1], weights[0].shape[0], weights[1].shape[0]]
+    one_unit = sizes[-1] == 1
+    plan = plan_epoch(sizes, np.float64, batch_size=mbs, hidden="sigmoid", output="sigmoid", loss="mse",
+                      target="dense" if one_unit else "labels")  # fmt: skip
+    Y = np.ones((yc.shape[0], 1)) if one_unit else yc
+    return get_backend(backend).prepare(Xc, Y, plan)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastmlp import _validation as V
-from fastmlp.backends.contract import ACT_CODES, KEEP_BITS, LOSS_CODES
+from fastmlp.backends.contract import plan_epoch
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -131,18 +131,21 @@ def lr_find(
 
     Step ``i`` trains one minibatch (rows drawn in a shuffled order, reshuffled
     after each pass over the data) with ``lr_i = start · (end/start)^(i/(num_iter−1))``
-    through the backend's compiled epoch kernel.  The loss ``ℓ_i`` of that
+    through the backend's compiled epoch (plain SGD, no dropout, no penalty; the
+    data are validated once).  The loss ``ℓ_i`` of that
     minibatch (before its update) is smoothed as
     ``m_i = smooth·m_{i−1} + (1−smooth)·ℓ_i``, ``m_0' = 0``, and bias-corrected,
     ``s_i = m_i / (1 − smooth^(i+1))``.  The sweep stops after the first step whose
     ``s_i`` exceeds ``diverge · min_{j<=i} s_j`` or is not finite.  The network's
-    weights, biases and step counter are restored afterwards (also on error).
+    weights, biases and step counter are restored afterwards (also on error); its
+    optimizer state, history and epoch count are never touched.
 
     Parameters
     ----------
     net : Network
     X : array-like (n_samples, n_features)
-    y : array of int (n_samples,)
+    y : array-like
+        Class labels ``(n_samples,)`` or dense targets, as :meth:`fastmlp.Network.fit` takes them.
     start, end : float
         First and last learning rate of the sweep, ``0 < start < end``.
     num_iter : int
@@ -167,18 +170,19 @@ def lr_find(
     smooth = V.check_float(smooth, "smooth", low=0.0, high=1.0, high_open=True)
     diverge = V.check_float(diverge, "diverge", low=1.0, low_open=True)
     seed = V.check_seed(seed)
-    V.check_parameters(net.weights, net.biases, net.dtype)
+    from fastmlp.training import as_targets
+
+    net.check_parameters()
     Xc = V.as_features(X, net.dtype, "X", n_features=net.n_features)
-    yc = V.as_labels(y, Xc.shape[0], net.n_classes, "y")
+    target, Y = as_targets(net, y, Xc.shape[0], "y")
     n = Xc.shape[0]
     bs = n if batch_size is None else min(V.check_int(batch_size, "batch_size", minimum=1), n)
 
     lrs = start * (end / start) ** (np.arange(num_iter) / (num_iter - 1))
     rng = np.random.default_rng(seed)
-    raw = net.backend.raw
-    h_code, o_code, l_code = ACT_CODES[net.activation], ACT_CODES[net.output], LOSS_CODES[net.loss]
-    thresholds = np.full(len(net.weights), 1 << KEEP_BITS, dtype=np.int64)  # no dropout
-    scales = np.ones(len(net.weights))
+    plan = plan_epoch(net.layers, net.dtype, batch_size=bs, hidden=net.activation, output=net.output, loss=net.loss,
+                      target=target)  # fmt: skip
+    epochs = net.backend.prepare(Xc, Y, plan)
     saved, saved_step = net.get_params(), net.step_
     taken: list[float] = []
     raw_losses: list[float] = []
@@ -190,14 +194,11 @@ def lr_find(
         for i, lr in enumerate(lrs):
             if pos + bs > n:
                 order, pos = rng.permutation(n), 0
-            idx = np.ascontiguousarray(order[pos : pos + bs], dtype=np.int64)
+            idx = order[pos : pos + bs]
             pos += bs
             with np.errstate(over="ignore", invalid="ignore"):
-                loss_sum, _ = raw.train_epoch(
-                    Xc, yc, idx, net.weights, net.biases, np.array([lr]), h_code, o_code, l_code,
-                    bs, 0.0, 0.0, thresholds, scales, 0, 0,
-                )  # fmt: skip
-            loss = float(loss_sum) / bs
+                stats = epochs(idx, (net.weights, net.biases), None, float(lr))  # one minibatch: one step
+            loss = stats.loss_sum / bs
             avg = smooth * avg + (1.0 - smooth) * loss
             s = avg / (1.0 - smooth ** (i + 1))
             taken.append(float(lr))
@@ -207,7 +208,8 @@ def lr_find(
                 diverged = True
                 break
             best = min(best, s)
-            if not all(np.isfinite(W).all() for W in net.weights):
+            # the next step needs finite parameters (the kernels assume them): a blown-up weight ends the sweep
+            if not all(V.all_finite(a) for a in (*net.weights, *net.biases)):
                 diverged = True
                 break
     finally:

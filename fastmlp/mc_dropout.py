@@ -81,13 +81,16 @@ class MCPrediction:
 def output_to_proba(A: np.ndarray, output: str) -> np.ndarray:
     """Class probabilities from output activations ``A (n, k)``, float64.
 
-    Softmax outputs are probabilities already; sigmoid outputs (one-vs-rest
-    scores) and identity outputs (clipped at 0) are normalized to sum to one;
-    a row with no positive score becomes uniform.
+    Softmax outputs are probabilities already; one sigmoid unit (a binary
+    classifier) gives ``[1 - a, a]``; several sigmoid units (one-vs-rest
+    scores) and identity or exp outputs (clipped at 0) are normalized to sum to
+    one; a row with no positive score becomes uniform.
     """
     P = np.asarray(A, dtype=np.float64)
     if output == "softmax":
         return P
+    if output == "sigmoid" and P.shape[-1] == 1:
+        return np.concatenate([1.0 - P, P], axis=-1)
     P = np.maximum(P, 0.0)
     s = P.sum(axis=-1, keepdims=True)
     k = P.shape[-1]
@@ -110,6 +113,7 @@ def mc_predict(
     input_dropout: float | None = None,
 ) -> MCPrediction:
     """Monte-Carlo dropout prediction; see :meth:`fastmlp.Network.mc_predict`."""
+    net.check_parameters()  # the raw kernels below take finite parameters of the network's shapes, as predict does
     Xc = V.as_features(X, net.dtype, "X", n_features=net.n_features)
     n_samples = V.check_int(n_samples, "n_samples", minimum=1)
     if n_samples >= 1 << 32:
@@ -140,7 +144,7 @@ def mc_predict(
     raw = net.backend.raw
     dt = net.dtype
     h_code, o_code = ACT_CODES[net.activation], ACT_CODES[net.output]
-    n, k = Xc.shape[0], net.n_classes
+    n, k_out, k = Xc.shape[0], net.n_outputs, net.n_classes
     mean = np.empty((n, k))
     std = np.empty((n, k))
     entropy = np.empty(n)
@@ -167,7 +171,7 @@ def mc_predict(
                 Z = np.empty((g * b, W.shape[0]), dtype=dt)
                 raw.forward(A, W, bias, o_code if i == L - 1 else h_code, Z)
                 A = Z
-            P[s0 : s0 + g] = output_to_proba(A.reshape(g, b, k), net.output)
+            P[s0 : s0 + g] = output_to_proba(A.reshape(g, b, k_out), net.output)
         m = P.mean(axis=0)
         mean[start : start + b] = m
         std[start : start + b] = P.std(axis=0)

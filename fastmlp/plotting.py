@@ -1,4 +1,4 @@
-"""Plots of a training :class:`~fastmlp.training.History` and of an LR range test.
+"""Plots of a training :class:`~fastmlp.history.History` and of an LR range test.
 
 matplotlib is imported only when a function here is called (``pip install
 fastmlp[plot]``).  Figures are built with :class:`matplotlib.figure.Figure`
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from fastmlp.history import History
     from fastmlp.lr_finder import LRFinderResult
-    from fastmlp.training import History
 
 __all__ = ["plot_history", "plot_lr_find"]
 
@@ -60,7 +60,9 @@ def plot_history(history: History, path: str | os.PathLike[str] | None = None, t
 
     Panels: training loss (with penalty, and the data loss alone when they
     differ) and validation loss per epoch; training and validation accuracy
-    per epoch, with the best epoch of early stopping marked; the learning
+    per epoch (for regression, where a fit records no accuracy, the validation
+    score, R² by default, when there is one), with the best epoch of early
+    stopping marked; the learning
     rate of every minibatch step when a schedule recorded ``history.step_lr``
     (else the per-epoch rate when it changed).
 
@@ -83,7 +85,10 @@ def plot_history(history: History, path: str | os.PathLike[str] | None = None, t
     step_lr = history.iteration_lr()
     lr = np.asarray(history.lr)
     show_lr = step_lr.size > 0 or (lr.size > 1 and not np.all(lr == lr[0]))
-    fig, axes = _new_figure(1, 3 if show_lr else 2, (15 if show_lr else 11, 4.2))
+    show_acc = history.train_acc is not None or history.valid_acc is not None
+    show_score = not show_acc and history.valid_score is not None
+    n_panels = 1 + (show_acc or show_score) + show_lr
+    fig, axes = _new_figure(1, n_panels, ({1: 6.5, 2: 11.0, 3: 15.0}[n_panels], 4.2))
     ax = axes[0]
     ax.plot(ep, history.train_loss, "o-", ms=3, label="train loss")
     if not np.allclose(history.train_loss, history.train_data_loss, rtol=0, atol=0):
@@ -91,12 +96,18 @@ def plot_history(history: History, path: str | os.PathLike[str] | None = None, t
     if history.valid_loss is not None:
         ax.plot(ep, history.valid_loss, "s-", ms=3, label="valid loss")
     ax.set(title="Loss per epoch", xlabel="epoch", ylabel="loss")
-    ax = axes[1]
-    ax.plot(ep, 100 * np.asarray(history.train_acc), "o-", ms=3, label="train")
-    if history.valid_acc is not None:
-        ax.plot(ep, 100 * np.asarray(history.valid_acc), "s-", ms=3, label="valid")
-    ax.set(title="Accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
-    for a in axes[:2]:
+    if show_acc:
+        ax = axes[1]
+        if history.train_acc is not None:
+            ax.plot(ep, 100 * np.asarray(history.train_acc), "o-", ms=3, label="train")
+        if history.valid_acc is not None:
+            ax.plot(ep, 100 * np.asarray(history.valid_acc), "s-", ms=3, label="valid")
+        ax.set(title="Accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
+    elif show_score:
+        ax = axes[1]
+        ax.plot(ep, np.asarray(history.valid_score), "s-", ms=3, label="valid score")
+        ax.set(title="Validation score per epoch", xlabel="epoch", ylabel="score (R² unless fit(score=...))")
+    for a in axes[: 1 + (show_acc or show_score)]:
         if history.best_epoch is not None:
             a.axvline(history.best_epoch, color="gray", ls=":", label=f"best epoch {history.best_epoch}")
         if history.stopped_epoch is not None:
@@ -104,7 +115,7 @@ def plot_history(history: History, path: str | os.PathLike[str] | None = None, t
         a.grid(alpha=0.3)
         a.legend(loc="best", fontsize="small")
     if show_lr:
-        ax = axes[2]
+        ax = axes[-1]
         if step_lr.size:
             it = np.arange(1, step_lr.size + 1)
             ax.plot(it, step_lr, lw=1.2, label="lr per iteration")

@@ -32,7 +32,14 @@ from hypothesis import strategies as st
 
 import fastmlp
 from fastmlp import compat
-from fastmlp.backends.contract import ACT_CODES, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, VALID_OUTPUT_LOSS
+from fastmlp.backends.contract import (
+    ACT_CODES,
+    HIDDEN_ACTIVATIONS,
+    OUTPUT_ACTIVATIONS,
+    VALID_OUTPUT_LOSS,
+    OptimizerState,
+    plan_epoch,
+)
 from fastmlp.network import Network
 
 BACKENDS = fastmlp.available_backends()
@@ -359,20 +366,27 @@ def _restructure(Ws, bs, structure):
        sizes=st.tuples(st.lists(st.integers(0, 5), min_size=1, max_size=3), st.integers(1, 5)).map(lambda t: [*t[0], t[1]]),
        hidden=HIDDEN, pair=st.sampled_from(PAIRS), seed=seeds, batch_size=st.sampled_from([1, 2, 3, 5, 100, 2**63, 0, -1]),
        lrs_mode=st.sampled_from(["scalar", "array", "array", "bad_len", "negative", "nan", "str"]),
-       l2=st.sampled_from([0.0, 1e-3, 0.1]), l1=st.sampled_from([0.0, 1e-3]),
+       l2=st.sampled_from([0.0, 1e-3, 0.1]), l1=st.sampled_from([0.0, 1e-3]), alpha=st.sampled_from([0.0, 0.0, 1e-2]),
        keep_mode=st.sampled_from(["none", "none", "half", "mixed", "zero", "short", "scalar"]), inverted=st.booleans(),
        mask_seed=st.integers(0, 2**64 - 1), step0=st.sampled_from([0, 7, 2**40, 2**63 - 2, 2**63, -1]),
        order_mode=st.sampled_from(["perm", "perm", "partial", "repeat", "oob", "float", "empty"]),
        fault=st.sampled_from(FAULTS), which=st.integers(0, 8), pos=st.integers(0, 99),
-       label_fault=st.sampled_from(LABEL_FAULTS), structure=st.sampled_from(["ok"] * 8 + ["mismatch", "shared"]))  # fmt: skip
-def test_kernel_train_epoch(dt, n, sizes, hidden, pair, seed, batch_size, lrs_mode, l2, l1, keep_mode, inverted, mask_seed,
-                            step0, order_mode, fault, which, pos, label_fault, structure):  # fmt: skip
+       label_fault=st.sampled_from(LABEL_FAULTS), structure=st.sampled_from(["ok"] * 8 + ["mismatch", "shared"]),
+       target=st.sampled_from(["labels", "labels", "dense"]),
+       optimizer=st.sampled_from(["sgd", "sgd", "momentum", "nesterov", "adam", "adamw", "gradient", "no_state"]),
+       weights=st.sampled_from(["none", "none", "random", "zeros", "negative"]))  # fmt: skip
+def test_kernel_train_epoch(dt, n, sizes, hidden, pair, seed, batch_size, lrs_mode, l2, l1, alpha, keep_mode, inverted,
+                            mask_seed, step0, order_mode, fault, which, pos, label_fault, structure, target, optimizer,
+                            weights):  # fmt: skip
     output, loss = pair
 
     def call(name):
         rng = np.random.default_rng(seed)
         X = rng.uniform(-1, 1, (n, sizes[0])).astype(dt)
-        y = apply_label_fault(rng.integers(0, sizes[-1], n), label_fault, sizes[-1])
+        if target == "dense":  # probabilities suit every pair (counts >= 0, indicators/soft labels in [0, 1])
+            y = apply_fault(rng.uniform(0, 1, (n, sizes[-1])).astype(dt), fault if which == 0 else "none", pos)
+        else:
+            y = apply_label_fault(rng.integers(0, sizes[-1], n), label_fault, sizes[-1])
         Ws, bs = _params(rng, sizes, dt)
         arrays = [X, *Ws, *bs]
         i = which % len(arrays)
@@ -389,11 +403,17 @@ def test_kernel_train_epoch(dt, n, sizes, hidden, pair, seed, batch_size, lrs_mo
                "negative": -0.1, "nan": np.full(n_steps, np.nan), "str": "0.1"}[lrs_mode]  # fmt: skip
         keep = {"none": None, "half": [0.5] * L, "mixed": [0.8] + [0.6] * (L - 1), "zero": [0.0] * L,
                 "short": [0.5] * (L + 1), "scalar": 0.5}[keep_mode]  # fmt: skip
-        res = fastmlp.get_backend(name).train_epoch(
-            X, y, order, Ws, bs, lrs, hidden_act=hidden, output_act=output, loss=loss, batch_size=batch_size,
-            l2=l2, l1=l1, keep=keep, inverted=inverted, seed=mask_seed, step0=step0,
-        )  # fmt: skip
-        return res, list(Ws), list(bs)
+        sw = {"none": None, "random": rng.uniform(0.1, 2, n), "zeros": np.zeros(n), "negative": -np.ones(n)}[weights]
+        kind = "adam" if optimizer == "no_state" else optimizer  # no_state: Adam without its state (an error)
+        extra = {"momentum": 0.9} if kind in ("momentum", "nesterov") else {}
+        if kind in ("adam", "adamw"):
+            extra = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "eps_mode": "torch" if kind == "adamw" else "sklearn"}
+        plan = plan_epoch(sizes, dt, batch_size=batch_size, hidden=hidden, output=output, loss=loss, target=target,
+                          l2=l2, l1=l1, alpha=alpha, keep=keep, inverted=inverted, optimizer=kind, seed=mask_seed,
+                          **extra)  # fmt: skip
+        state = None if optimizer in ("sgd", "no_state") else OptimizerState.zeros(kind, sizes, dt)
+        res = fastmlp.get_backend(name).train_epoch(X, y, order, (Ws, bs), state, lrs, plan, step0, sample_weight=sw)
+        return tuple(res), list(Ws), list(bs), [] if state is None else [state.t, *state.arrays()]
 
     differential(call, TOL[np.dtype(dt)])
 
@@ -487,9 +507,10 @@ def test_network_inference(dt, sizes, hidden, pair, n, xdtype, layout, poison, p
        lr=st.sampled_from([0.05, 0.3, 0.0, -1.0, float("nan"), "0.1"]), l2=st.sampled_from([0.0, 1e-3]),
        l1=st.sampled_from([0.0, 1e-3]), dropout=st.sampled_from([0.0, 0.0, 0.3, 1.0, -0.1]),
        input_dropout=st.sampled_from([0.0, 0.2]), scaling=st.sampled_from(["inverted", "inverted", "predict", "bogus"]),
-       shuffle=st.booleans(), valid=st.sampled_from(["none", "none", "same", "only_X", "bad"]))  # fmt: skip
+       shuffle=st.booleans(), valid=st.sampled_from(["none", "none", "same", "only_X", "bad"]),
+       optimizer=st.sampled_from([None, None, "nesterov", "adam", "bogus"]), alpha=st.sampled_from([0.0, 0.0, 1e-3]))  # fmt: skip
 def test_network_fit(dt, sizes, hidden, pair, n, xdtype, layout, poison, pos, seed, label_fault, epochs, batch_size, lr, l2,
-                     l1, dropout, input_dropout, scaling, shuffle, valid):  # fmt: skip
+                     l1, dropout, input_dropout, scaling, shuffle, valid, optimizer, alpha):  # fmt: skip
     def call(name):
         rng = np.random.default_rng(seed)
         net = _net(name, sizes, hidden, pair, dt)
@@ -504,9 +525,9 @@ def test_network_fit(dt, sizes, hidden, pair, n, xdtype, layout, poison, pos, se
             kw = {"X_valid": np.ones((2, sizes[0] + 1)), "y_valid": np.zeros(2, int)}
         hist = net.fit(X, y, epochs=epochs, batch_size=batch_size, lr=lr, l2=l2, l1=l1, dropout=dropout,
                        input_dropout=input_dropout, dropout_scaling=scaling, shuffle=shuffle, seed=seed,
-                       verbose=False, **kw)  # fmt: skip
+                       optimizer=optimizer, alpha=alpha, verbose=False, **kw)  # fmt: skip
         d = hist.as_dict()
-        curves = [np.array(d[k], dtype=float) for k in ("train_loss", "train_acc") if d[k] is not None]
+        curves = [np.array(d[k], dtype=float) for k in ("train_loss", "train_acc", "valid_score") if d.get(k) is not None]
         return net.weights, net.biases, curves
 
     differential(call, TOL[np.dtype(dt)], allowed=(*DOCUMENTED, FloatingPointError))

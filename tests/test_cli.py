@@ -94,6 +94,11 @@ def test_info(tmp_path):
     r = run(["info"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Backends" in r.stdout and "numpy" in r.stdout and "MNIST is looked for in" in r.stdout
+    assert "Threads: compiled epochs use up to" in r.stdout
+    r = run(["info"], tmp_path, env={"FASTMLP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "use up to 1 of the" in r.stdout and "$FASTMLP_NUM_THREADS=1" in r.stdout
+    r = run(["info"], tmp_path, env={"FASTMLP_NUM_THREADS": "many"})
+    assert r.returncode == 2 and "FASTMLP_NUM_THREADS" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.mnist
@@ -125,3 +130,29 @@ def test_train_with_each_schedule(tmp_path, rng, schedule):
              "--schedule", schedule, "--l2", "1e-4", "--dropout", "0.2", "--patience", "5"], tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "Epoch: 003/003" in r.stdout and "Test accuracy:" in r.stdout
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adam", "0.01"), ("nesterov", "0.5")])
+def test_train_with_an_optimizer_saves_its_state(tmp_path, rng, optimizer, lr):
+    """--optimizer reaches the fit; the saved model keeps the optimizer's state for a later fit."""
+    from fastmlp import Network
+
+    _write_idx_dir(tmp_path / "idx", rng)
+    r = run(["train", "--data", "idx", "--hidden", "16", "--activation", "relu", "--loss", "ce", "--init", "he",
+             "--epochs", "6", "--lr", lr, "--optimizer", optimizer, "--valid", "50", "--out", "m.npz", "--quiet"],
+            tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split("Test accuracy: ")[1].split("%")[0]) > 90
+    net = Network.load(tmp_path / "m.npz", backend="numpy")
+    assert net.output == "softmax" and net.init == "he" and net.epochs_ == 6
+    assert net.optimizer_state_.kind == optimizer and net.optimizer_state_.t == 6 * 4  # 350 rows, batch 100
+    r = run(["train", "--data", "idx", "--optimizer", "rmsprop"], tmp_path)
+    assert r.returncode == 2 and "--optimizer" in r.stderr
+
+
+def test_predict_refuses_a_regression_model(tmp_path):
+    from fastmlp import Network
+
+    Network([64, 1], loss="squared_error", seed=0).save(tmp_path / "reg.npz")
+    r = run(["predict", "--model", "reg.npz", "--data", "digits"], tmp_path)
+    assert r.returncode == 2 and "regression network" in r.stderr and "Traceback" not in r.stderr

@@ -107,3 +107,104 @@ def test_compat_bad_input():
         compat.train(m, np.zeros((200, 5)), np.zeros(200, int), X, np.zeros(200, int), num_epochs=1)
     with pytest.raises(TypeError):
         compat.NeuralNetMLP(4.5, 3, 2)
+
+
+def _both(rng, num_classes, n=300, f=6, h=4, epochs=2, lr=0.1, poison=False):
+    """(ours, notebook's) curves, weights, printed lines and global RNG state after the same run.
+
+    The notebook evaluates with its default ``num_labels=10``; compat passes the model's own class count
+    (the same for MNIST), so the oracle here does too.
+    """
+    X = rng.normal(size=(n, f))
+    y = rng.integers(0, num_classes, size=n)
+    out = []
+    for mod in (compat, notebook):
+        m = mod.NeuralNetMLP(f, h, num_classes, random_seed=3)
+        if poison:
+            m.weight_out[0, 0] = np.nan  # a diverged model
+        np.random.seed(5)
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            curves = mod.train(m, X, y, X[:100], y[:100], num_epochs=epochs, learning_rate=lr)
+        out.append((curves, [m.weight_h, m.bias_h, m.weight_out, m.bias_out], buf.getvalue(),
+                    np.random.get_state()[1].copy()))  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def notebook_own_labels(monkeypatch):
+    evaluate = notebook.compute_mse_and_acc
+
+    def own(nnet, X, y, num_labels=10, minibatch_size=100):
+        return evaluate(nnet, X, y, num_labels=nnet.num_classes, minibatch_size=minibatch_size)
+
+    monkeypatch.setattr(notebook, "compute_mse_and_acc", own)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("num_classes", [1, 2, 4])
+def test_compat_train_matches_notebook_for_any_class_count(rng, monkeypatch, notebook_own_labels, backend, num_classes):
+    """One class (a single output unit whose one-hot target is 1), two and more: the notebook's numbers."""
+    monkeypatch.setattr(compat, "backend", backend)
+    (c_ours, w_ours, p_ours, s_ours), (c_ref, w_ref, p_ref, s_ref) = _both(rng, num_classes)
+    np.testing.assert_array_equal(s_ours, s_ref)
+    for a, b in zip(w_ours, w_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(c_ours[0], c_ref[0], rtol=1e-10)
+    assert c_ours[1:] == c_ref[1:] and p_ours == p_ref
+
+
+def test_compat_diverged_model_propagates_nan_like_the_notebook(rng, notebook_own_labels):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        (c_ours, w_ours, p_ours, s_ours), (c_ref, w_ref, p_ref, s_ref) = _both(rng, 3, poison=True)
+    np.testing.assert_array_equal(s_ours, s_ref)
+    for a, b in zip(w_ours, w_ref, strict=True):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)  # NaN == NaN here
+    assert p_ours == p_ref and np.isnan(c_ours[0]).all()
+
+
+def test_compat_prepares_once_per_train_call_and_uses_the_fit_context(rng, monkeypatch):
+    """The data are validated once per train call; every epoch is one prepared epoch over the full
+    minibatches of the shuffled order (the partial last one dropped), inside the backend's fit context."""
+    from contextlib import contextmanager
+
+    from fastmlp.backends import Backend, PreparedEpochs
+
+    be = fastmlp_backend = compat.get_backend(compat.backend)
+    prepares, orders, contexts = [], [], []
+    real_prepare, real_call = Backend.prepare, PreparedEpochs.__call__
+
+    def prepare(self, X, Y, plan, **kw):
+        prepares.append(plan)
+        return real_prepare(self, X, Y, plan, **kw)
+
+    def call(self, order, params, state, lrs, step0=0):
+        orders.append(np.array(order))
+        assert state is None and step0 == 0
+        return real_call(self, order, params, state, lrs, step0)
+
+    @contextmanager
+    def fit_context(sizes, batch_size):
+        contexts.append((list(sizes), batch_size))
+        yield False
+
+    monkeypatch.setattr(Backend, "prepare", prepare)
+    monkeypatch.setattr(PreparedEpochs, "__call__", call)
+    monkeypatch.setattr(be.raw, "fit_context", fit_context, raising=False)
+    X = rng.normal(size=(250, 5))
+    y = rng.integers(0, 3, size=250)
+    m = compat.NeuralNetMLP(5, 4, 3)
+    np.random.seed(0)
+    with redirect_stdout(io.StringIO()):
+        compat.train(m, X, y, X[:100], y[:100], num_epochs=3)
+    assert len(prepares) == 1 and contexts == [([5, 4, 3], 100)]
+    plan = prepares[0]
+    assert (plan.sizes, plan.hidden, plan.output, plan.loss, plan.optimizer, plan.batch_size, plan.has_dropout) == (
+        (5, 4, 3), "sigmoid", "sigmoid", "mse", "sgd", 100, False)
+    assert plan.l2 == plan.l1 == plan.alpha == 0.0 and plan.target == "labels" and plan.dtype == "float64"
+    assert [len(o) for o in orders] == [200, 200, 200] and all(len(set(o.tolist())) == 200 for o in orders)
+    assert fastmlp_backend is be

@@ -64,33 +64,54 @@ def test_blas_thread_count_does_not_change_the_result(backend, dtype):
     _assert_params(one, default, TOL[dtype])
 
 
-def _set_threads(monkeypatch, backend, n):
+def _skip_without_threads(backend):
     if backend == "cython":
         import fastmlp.backends.cython as cy
 
         if not cy.OPENMP:
             pytest.skip("the Cython build has no OpenMP")
-        monkeypatch.setattr(cy, "NUM_THREADS", n)
     else:
-        import numba
-
         from fastmlp import config
 
         if not config.PARALLEL:
             pytest.skip("the Numba epoch is compiled serial (FASTMLP_NUMBA_PARALLEL=0)")
-        monkeypatch.setattr(config, "NUM_THREADS", n)
-        if n > numba.config.NUMBA_NUM_THREADS:
-            pytest.skip("Numba's thread pool is smaller")
+        if config.pool_size() < 2:
+            pytest.skip("Numba's thread pool has one thread")
+
+
+#: a shape whose minibatches the compiled epochs cut into several blocks (so that threads can share them)
+SPLIT_SIZES, SPLIT_BATCH = [256, 128, 10], 128
+
+
+def _fit_split(backend, dtype):
+    rng = np.random.default_rng(4)
+    X = rng.uniform(-1, 1, (640, 256))
+    y = rng.integers(0, 10, 640)
+    net = Network(SPLIT_SIZES, activation="relu", output="softmax", loss="ce", dtype=dtype, backend=backend, seed=3)
+    net.fit(X, y, epochs=4, batch_size=SPLIT_BATCH, lr=0.05, l2=1e-4, dropout=0.2, seed=42, verbose=False)
+    return net
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("backend", COMPILED)
-def test_epoch_thread_count_within_tolerance(monkeypatch, backend, dtype):
-    """FASTMLP_NUM_THREADS (1 vs 2) splits each minibatch differently: sums are reassociated, so within tolerance."""
-    _set_threads(monkeypatch, backend, 1)
-    one, _ = _fit(backend, dtype)
-    _set_threads(monkeypatch, backend, 2)
-    two, _ = _fit(backend, dtype)
-    two_again, _ = _fit(backend, dtype)
-    _assert_params(two, one, TOL[dtype])
-    _assert_params(two, two_again)  # a fixed thread count is still bit-reproducible
+def test_epoch_thread_count_gives_the_same_bits(monkeypatch, backend, dtype):
+    """The blocks of a minibatch follow its shape, not the threads: $FASTMLP_NUM_THREADS 1 or 2 and a
+    thread_limit(1) block (a capped joblib worker) compute bit-identical weights."""
+    from fastmlp import _threads
+
+    _skip_without_threads(backend)
+    assert _threads.n_blocks(SPLIT_SIZES, SPLIT_BATCH) > 1  # else no test of threads at all
+    monkeypatch.setenv("FASTMLP_NUM_THREADS", "1")
+    assert _threads.thread_budget() == 1
+    one = _fit_split(backend, dtype)
+    monkeypatch.setenv("FASTMLP_NUM_THREADS", "2")
+    assert _threads.thread_budget() == min(2, _threads.cpu_count())
+    two = _fit_split(backend, dtype)
+    two_again = _fit_split(backend, dtype)
+    with _threads.thread_limit(1):
+        assert _threads.thread_budget() == 1
+        capped = _fit_split(backend, dtype)
+    assert _threads.current_cap() is None
+    _assert_params(two, one)
+    _assert_params(two, two_again)
+    _assert_params(capped, two)

@@ -15,13 +15,14 @@ def _blobs(rng, n=300, n_features=8, n_classes=3):
 
 
 def _script(monkeypatch, net, losses):
-    """Make the kernel return scripted minibatch losses (as sums over the batch), touching no weights."""
+    """Make the raw epoch return scripted minibatch losses (as sums over the batch), touching no weights."""
     it = iter(losses)
     calls = []
 
-    def fake(X, y, order, weights, biases, lrs, *args):
+    def fake(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight):
+        assert lrs.shape == (1,) and order.shape == (plan.batch_size,)  # one step of one minibatch per call
         calls.append(float(lrs[0]))
-        return float(next(it)) * order.shape[0], 0
+        return float(next(it)) * order.shape[0], 0.0, 0
 
     monkeypatch.setattr(net.backend.raw, "train_epoch", fake)
     return calls
@@ -123,6 +124,72 @@ def test_rejects_bad_arguments(kwargs, exc, match, rng):
     X, y = _blobs(rng, n=20)
     with pytest.raises(exc, match=match):
         lr_find(Network([8, 3], backend="numpy", seed=0), X, y, **kwargs)
+
+
+def test_optimizer_state_history_and_epochs_are_untouched(rng):
+    """lr_find sweeps with plain SGD: the Adam state a fit left (its moments and step count), the history and
+    the epoch count stay what they were, so a following fit continues exactly where the last one stopped."""
+    X, y = _blobs(rng)
+    net = Network([8, 6, 3], activation="tanh", output="softmax", loss="ce", backend="numpy", seed=0)
+    hist = net.fit(X, y, epochs=2, optimizer="adam", lr=1e-2, verbose=False, seed=3)
+    state = net.optimizer_state_
+    moments, t, epochs = [a.copy() for a in state.arrays()], state.t, net.epochs_
+    assert t > 0 and any(a.any() for a in moments)
+    lr_find(net, X, y, start=1e-4, end=1e2, num_iter=30, batch_size=20, seed=1)
+    assert net.optimizer_state_ is state and state.kind == "adam" and state.t == t
+    for a, b in zip(state.arrays(), moments, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert net.history_ is hist and net.epochs_ == epochs
+    # the continued fit is the one an lr_find never interrupted
+    twin = Network([8, 6, 3], activation="tanh", output="softmax", loss="ce", backend="numpy", seed=0)
+    twin.fit(X, y, epochs=2, optimizer="adam", lr=1e-2, verbose=False, seed=3)
+    for a in (net, twin):
+        a.fit(X, y, epochs=1, optimizer="adam", lr=1e-2, verbose=False, seed=4)
+    for a, b in zip(net.weights + net.biases, twin.weights + twin.biases, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_data_validated_once_and_each_step_is_one_minibatch(rng, monkeypatch):
+    """The sweep prepares its epochs once; every step is one minibatch at its own rate, the loss of that
+    minibatch before the update, as a one-step fit computes it."""
+    from fastmlp.backends import Backend
+
+    X, y = _blobs(rng, n=60)
+    prepared = []
+    real_prepare = Backend.prepare
+
+    def counting(self, *args, **kwargs):
+        prepared.append(args[2])
+        return real_prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(Backend, "prepare", counting)
+    net = Network([8, 5, 3], backend="numpy", seed=0)
+    with pytest.warns(RuntimeWarning, match="did not rise"):  # full-batch GD up to lr = 1 keeps falling
+        res = lr_find(net, X, y, start=1e-3, end=1.0, num_iter=12, batch_size=60, smooth=0.0, diverge=1e6, seed=0)
+    assert len(prepared) == 1 and len(res) == 12
+    plan = prepared[0]
+    assert (plan.batch_size, plan.optimizer, plan.has_dropout, plan.l2, plan.l1, plan.alpha) == (60, "sgd", False, 0, 0, 0)
+    # with one batch of all rows the sweep is full-batch GD at the swept rates: replay it step by step
+    twin = Network([8, 5, 3], backend="numpy", seed=0)
+    for lr, loss in zip(res.lrs, res.raw_losses, strict=True):
+        assert loss == pytest.approx(twin.evaluate(X, y)[0], rel=1e-12)
+        twin.fit(X, y, epochs=1, batch_size=None, lr=lr, shuffle=False, verbose=False)
+
+
+def test_regression_network_with_dense_targets(rng):
+    """A one-output identity/squared_error network takes 1-D float targets, as its fit does."""
+    X = rng.normal(size=(200, 4))
+    t = X @ np.array([1.0, -2.0, 0.5, 0.0]) + 0.1 * rng.normal(size=200)
+    net = Network([4, 8, 1], activation="tanh", loss="squared_error", backend="numpy", seed=0)
+    assert net.output == "identity"
+    before = net.get_params()
+    res = lr_find(net, X, t, start=1e-4, end=1e2, num_iter=60, batch_size=20, seed=0)
+    assert res.diverged and res.turned and res.lrs[0] < res.min_lr < res.lrs[-1]
+    assert res.raw_losses[0] == pytest.approx(net.evaluate(X, t)[0], rel=0.5)
+    for a, b in zip(net.weights + net.biases, before[0] + before[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="target columns"):
+        lr_find(net, X, np.zeros((200, 2)))
 
 
 def test_exported():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import subprocess_env
 
@@ -70,8 +71,27 @@ def test_plot_lr_find_png(tmp_path, rng):
     assert res.plot(ax=ax) is host and ax.get_xscale() == "log"
 
 
+def test_plot_history_of_a_regression_fit(tmp_path, rng):
+    """A regression fit records no accuracy: the second panel shows the validation score (R²); without
+    validation data only the loss is drawn."""
+    X = rng.normal(size=(200, 4))
+    t = np.sin(X[:, 0]) + X[:, 1]
+    net = Network([4, 16, 1], activation="tanh", loss="squared_error", backend="numpy", seed=0)
+    hist = net.fit(X[:150], t[:150], epochs=6, batch_size=25, lr=0.05, X_valid=X[150:], y_valid=t[150:],
+                   verbose=False, seed=0)  # fmt: skip
+    assert hist.train_acc is None and hist.valid_acc is None
+    fig = plot_history(hist, tmp_path / "regression.png")
+    _check_png(tmp_path / "regression.png")
+    axes = fig.get_axes()
+    assert [a.get_title() for a in axes] == ["Loss per epoch", "Validation score per epoch"]
+    np.testing.assert_allclose(axes[1].get_lines()[0].get_ydata(), hist.valid_score)
+    fig = plot_history(net.fit(X, t, epochs=2, batch_size=50, verbose=False), tmp_path / "regression_plain.png")
+    assert [a.get_title() for a in fig.get_axes()] == ["Loss per epoch"]
+    _check_png(tmp_path / "regression_plain.png")
+
+
 def test_plot_errors(rng):
-    from fastmlp.training import History
+    from fastmlp.history import History
 
     with pytest.raises(ValueError, match="no epochs"):
         plot_history(History())

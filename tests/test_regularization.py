@@ -8,6 +8,7 @@ import fastmlp
 from fastmlp import Callback, EarlyStopping, MCPrediction, Network, get_backend
 from fastmlp import mc_dropout as mc
 from fastmlp.backends import contract as C
+from fastmlp.backends.contract import plan_epoch
 
 
 def _blobs(rng, n=120, n_features=6, n_classes=3):
@@ -26,9 +27,11 @@ def _mse_objective(X, y, Ws, bs):
 
 # ---------------------------------------------------------------------------- penalties
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("l2,l1", [(0.3, 0.0), (0.0, 0.05), (0.3, 0.05)])
-def test_penalty_gradients_in_compiled_epoch_by_finite_differences(backend, l2, l1):
-    """One full-batch step of the backend's train_epoch is a gradient step on data + ½·l2‖W‖² + l1‖W‖₁;
+@pytest.mark.parametrize("l2,l1,alpha", [(0.3, 0.0, 0.0), (0.0, 0.05, 0.0), (0.3, 0.05, 0.0), (0.0, 0.0, 0.9),
+                                         (0.3, 0.05, 0.9)])  # fmt: skip
+def test_penalty_gradients_in_compiled_epoch_by_finite_differences(backend, l2, l1, alpha):
+    """One full-batch step of the backend's train_epoch is a gradient step on
+    data + ½·l2‖W‖² + l1‖W‖₁ + ½·alpha‖W‖²/n (scikit-learn's alpha over the n rows of the batch);
     the biases follow the data gradient alone (never penalized)."""
     rng = np.random.default_rng(11)
     X = rng.normal(size=(9, 5))
@@ -39,10 +42,14 @@ def test_penalty_gradients_in_compiled_epoch_by_finite_differences(backend, l2, 
     Ws, bs = net.get_params()
     lr = 0.01
     W1, b1 = net.get_params()
-    get_backend(backend).train_epoch(X, y, np.arange(9), W1, b1, lr, batch_size=9, l2=l2, l1=l1)
+    plan = plan_epoch([5, 4, 3], "float64", batch_size=9, hidden="sigmoid", output="sigmoid", loss="mse", l2=l2, l1=l1,
+                      alpha=alpha)  # fmt: skip
+    stats = get_backend(backend).train_epoch(X, y, np.arange(9), (W1, b1), None, lr, plan)
+    # the alpha penalty of the epoch: n_b * ½·alpha‖W‖²/n_b, from the weights before the step
+    assert stats.penalty_sum == pytest.approx(0.5 * alpha * sum(np.sum(W**2) for W in Ws), rel=1e-12, abs=0)
 
     def objective():
-        return _mse_objective(X, y, Ws, bs) + net.penalty(l2, l1)
+        return _mse_objective(X, y, Ws, bs) + net.penalty(l2, l1, alpha, n=9)
 
     net.weights, net.biases = Ws, bs  # net.penalty reads the perturbed parameters
     h = 1e-6
@@ -115,14 +122,15 @@ def test_training_masks_are_the_contract_masks_fresh_per_step(backend):
     with the contract's generator; the kept fraction is within binomial bounds."""
     n_in, keep, seed, n_steps = 400, 0.8, 2**40 + 3, 50
     X = np.ones((1, n_in))
-    y = np.zeros(1, dtype=np.int64)
+    y = np.ones(1, dtype=np.int64)  # one output unit: the label is its 0/1 target (1 here, so that δ ≠ 0)
     be = get_backend(backend)
     W, b = [np.zeros((1, n_in))], [np.zeros(1)]
     kept = []
     for step in range(n_steps):
         before = W[0].copy()
-        be.train_epoch(X, y, np.array([0]), W, b, 1e-3, hidden_act="identity", output_act="identity",
-                       batch_size=1, keep=[keep], seed=seed, step0=1000 + step)  # fmt: skip
+        plan = plan_epoch([n_in, 1], "float64", batch_size=1, hidden="identity", output="identity", loss="mse",
+                          keep=[keep], seed=seed)  # fmt: skip
+        be.train_epoch(X, y, np.array([0]), (W, b), None, 1e-3, plan, 1000 + step)
         m = (W[0] - before)[0] != 0  # ΔW_j = -lr·δ·x_j·m_j/keep with δ ≠ 0: zero exactly where dropped
         np.testing.assert_array_equal(m, C.mask_bits(seed, 1000 + step, 0, 1, n_in, keep)[0])
         kept.append(m)
@@ -215,7 +223,7 @@ def _manual_mc_sample(net, X, seed, s, keeps, scales):
 def test_mc_predict_is_the_contract_masks_averaged(backend, rng):
     X, y = _blobs(rng, n=50)
     net = Network([6, 10, 8, 3], output="softmax", loss="ce", backend=backend, seed=0)
-    net.fit(X, y, epochs=3, dropout=0.3, input_dropout=0.1, verbose=False, seed=2)
+    net.fit(X, y, epochs=3, batch_size=10, dropout=0.3, input_dropout=0.1, verbose=False, seed=2)
     res = net.mc_predict(X, n_samples=5, seed=77)
     assert isinstance(res, MCPrediction) and res.seed == 77 and res.n_samples == 5
     assert (res.dropout, res.input_dropout) == (0.3, 0.1)
@@ -267,11 +275,11 @@ def test_mc_predict_default_rates_errors_and_persistence(tmp_path, rng):
         net.mc_predict(X)  # never fitted, no rates given
     r = net.mc_predict(X, n_samples=3, dropout=0.5, seed=0)  # explicit rates on an unfitted network work
     assert r.dropout == 0.5 and r.input_dropout == 0.0
-    net.fit(X, y, epochs=1, verbose=False)
+    net.fit(X, y, epochs=1, batch_size=10, verbose=False)
     assert (net.dropout_, net.input_dropout_) == (0.0, 0.0)
     with pytest.raises(ValueError, match="dropout rate > 0"):
         net.mc_predict(X)
-    net.fit(X, y, epochs=1, dropout=0.4, input_dropout=0.1, verbose=False)
+    net.fit(X, y, epochs=1, batch_size=10, dropout=0.4, input_dropout=0.1, verbose=False)
     a = net.mc_predict(X, n_samples=4, seed=3)
     assert (a.dropout, a.input_dropout) == (0.4, 0.1)
     loaded = Network.load(net.save(tmp_path / "m"), backend="numpy")
@@ -291,7 +299,7 @@ def test_mc_predict_classic_dropout_uses_training_masks(rng):
     """A network trained with dropout_scaling='predict' gets unscaled masks at its trained rates."""
     X, y = _blobs(rng, n=30)
     net = Network([6, 7, 3], backend="numpy", seed=0)
-    net.fit(X, y, epochs=1, dropout=0.5, input_dropout=0.2, dropout_scaling="predict", verbose=False)
+    net.fit(X, y, epochs=1, batch_size=10, dropout=0.5, input_dropout=0.2, dropout_scaling="predict", verbose=False)
     res = net.mc_predict(X, n_samples=1, seed=4)
     one = _manual_mc_sample(net, X, 4, 0, [0.8, 0.5], [1.0, 1.0])
     np.testing.assert_allclose(res.mean, mc.output_to_proba(one, "sigmoid"), rtol=1e-12)
@@ -321,9 +329,14 @@ def _scripted_fit(backend, rng, monkeypatch, valid_loss=None, valid_acc=None, ep
     n = epochs
     losses = iter(valid_loss if valid_loss is not None else [1.0] * n)
     accs = iter(valid_acc if valid_acc is not None else [0.5] * n)
-    monkeypatch.setattr(net, "_evaluate_checked", lambda X, y: (next(losses), next(accs)))
+    def scripted(X, Y, sample_weight, score):  # (valid loss, valid accuracy, valid score)
+        acc = next(accs)
+        return next(losses), acc, acc
+
+    monkeypatch.setattr(net, "_evaluate_checked", scripted)
     rec = _Recorder()
-    hist = net.fit(X, y, epochs=epochs, lr=0.5, X_valid=X, y_valid=y, callbacks=[rec], verbose=False, seed=0, **kw)
+    hist = net.fit(X, y, epochs=epochs, batch_size=20, lr=0.5, X_valid=X, y_valid=y, callbacks=[rec], verbose=False,
+                   seed=0, **kw)  # fmt: skip
     return net, hist, rec
 
 
@@ -375,12 +388,33 @@ def test_early_stopping_validation(rng):
     X, y = _blobs(rng, n=20)
     net = Network([6, 3], backend="numpy", seed=0)
     with pytest.raises(ValueError, match="validation data"):
-        net.fit(X, y, epochs=2, early_stopping=EarlyStopping(2, monitor="valid_acc"), verbose=False)
+        net.fit(X, y, epochs=2, batch_size=10, early_stopping=EarlyStopping(2, monitor="valid_acc"), verbose=False)
     with pytest.raises(ValueError, match="monitor"):
-        EarlyStopping(monitor="train_loss")
+        EarlyStopping(monitor="loss")
+    with pytest.raises(ValueError, match="convention"):
+        EarlyStopping(convention="pytorch")
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=0)
     assert repr(EarlyStopping(3)) == "EarlyStopping(patience=3, min_delta=0.0, monitor='valid_loss', restore_best=True)"
+
+
+def test_early_stopping_on_training_metrics_and_regression_scores(rng):
+    """monitor='train_loss' needs no validation data; a regression fit has no accuracy to monitor, but its
+    valid_score (R²) is maximized."""
+    X, y = _blobs(rng, n=60)
+    net = Network([6, 5, 3], backend="numpy", seed=0)
+    es = EarlyStopping(patience=2, monitor="train_loss")
+    hist = net.fit(X, y, epochs=6, batch_size=20, lr=0.5, early_stopping=es, verbose=False, seed=0)
+    assert hist.valid_loss is None and hist.best_epoch == int(np.argmin(hist.train_loss)) + 1
+    t = X @ rng.normal(size=6)
+    reg = Network([6, 4, 1], activation="tanh", loss="squared_error", backend="numpy", seed=0)
+    with pytest.raises(ValueError, match="not defined for regression"):
+        reg.fit(X, t, epochs=2, batch_size=20, X_valid=X, y_valid=t, verbose=False,
+                early_stopping=EarlyStopping(2, monitor="valid_acc"))  # fmt: skip
+    es = EarlyStopping(patience=3, monitor="valid_score")
+    h = reg.fit(X, t, epochs=8, batch_size=20, lr=0.01, X_valid=X, y_valid=t, early_stopping=es, verbose=False, seed=0)
+    assert h.best_epoch == int(np.argmax(h.valid_score)) + 1 and h.restored_best
+    assert reg.evaluate(X, t)[1] == pytest.approx(max(h.valid_score), rel=1e-12)
 
 
 def test_nan_validation_loss_is_never_best(rng, monkeypatch):

@@ -8,6 +8,7 @@ from conftest import ALL_BACKENDS
 
 import fastmlp
 from fastmlp import Network
+from fastmlp.history import History
 from fastmlp.schedules import (
     Constant,
     CosineAnnealingLR,
@@ -17,7 +18,6 @@ from fastmlp.schedules import (
     Schedule,
     StepLR,
 )
-from fastmlp.training import History
 
 
 def _blobs(rng, n=120, n_features=6, n_classes=3):
@@ -187,7 +187,7 @@ def test_fit_with_reduce_on_plateau_reacts_to_history(rng, monkeypatch):
     X, y = _blobs(rng)
     net = Network([6, 4, 3], backend="numpy", seed=0)
     losses = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.45, 0.46])
-    monkeypatch.setattr(net, "_evaluate_checked", lambda X, y: (next(losses), 0.5))
+    monkeypatch.setattr(net, "_evaluate_checked", lambda X, Y, sample_weight, score: (next(losses), 0.5, 0.5))
     sched = ReduceLROnPlateau(0.2, factor=0.5, patience=1, threshold=0.0)
     hist = net.fit(X, y, epochs=7, lr=sched, X_valid=X, y_valid=y, verbose=False)
     assert hist.lr == pytest.approx([0.2, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1])
@@ -199,3 +199,33 @@ def test_fit_with_reduce_on_plateau_reacts_to_history(rng, monkeypatch):
 def test_schedules_are_exported():
     for name in ("Constant", "LinearLR", "StepLR", "ExponentialLR", "CosineAnnealingLR", "ReduceLROnPlateau"):
         assert getattr(fastmlp, name) is getattr(fastmlp.schedules, name)
+
+
+def test_plateau_state_dict_round_trip_continues_identically():
+    """What a checkpoint keeps of ReduceLROnPlateau: a copy fed the rest of the curve acts as the original."""
+    curve = [1.0, 0.9, 0.95, 0.97, 0.96, 0.8, 0.85, 0.86, 0.87, 0.88]
+    a = ReduceLROnPlateau(1.0, factor=0.5, patience=1, threshold=0.0, cooldown=1)
+    h = History(valid_loss=[], valid_acc=[])
+    a.on_train_begin(h)
+    for e, v in enumerate(curve[:5], start=1):
+        h.epoch.append(e)
+        h.valid_loss.append(v)
+        a.step_epoch(h)
+    b = ReduceLROnPlateau(1.0, factor=0.5, patience=1, threshold=0.0, cooldown=1)
+    b.on_train_begin(History(valid_loss=[], valid_acc=[]))
+    b.load_state_dict(json_round_trip(a.state_dict()))
+    assert (b.current_lr, b.reductions, b.best, b.num_bad_epochs) == (a.current_lr, a.reductions, a.best, a.num_bad_epochs)
+    for e, v in enumerate(curve[5:], start=6):
+        h.epoch.append(e)
+        h.valid_loss.append(v)
+        a.step_epoch(h)
+        b.step_epoch(h)
+        assert b.current_lr == a.current_lr
+    assert b.reductions == a.reductions and len(a.reductions) >= 2
+    assert StepLR(0.1, 2).state_dict() == {}
+
+
+def json_round_trip(d):
+    import json
+
+    return json.loads(json.dumps(d))

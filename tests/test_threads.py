@@ -11,6 +11,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import fastmlp
+from fastmlp.backends.contract import plan_epoch
 from fastmlp.network import Network
 
 BACKENDS = fastmlp.available_backends()
@@ -90,11 +91,13 @@ def _kernel_calls(backend: str):
     order = np.arange(40000)
     out = np.empty((40000, 10), np.float32)
     raw = be.raw
+    plan = plan_epoch([256, 128, 10], "float32", batch_size=100, hidden="sigmoid", output="sigmoid", loss="mse")
+    epochs = be.prepare(X, y, plan)  # the data are validated here, once, outside the timed calls
     return {
-        # the raw kernels, so that only the compiled call is timed (validation holds the GIL by nature)
+        # the raw forward kernel, so that only the compiled call is timed (validation holds the GIL by nature)
         "forward_network": lambda: [raw.forward_network(X, Ws, bs, sig, sig, out) for _ in range(3)],
-        "train_epoch": lambda: [raw.train_epoch(X, y, order, Ws, bs, np.full(400, 0.01), sig, sig, 0, 100, 0.0, 0.0,
-                                                np.full(2, 1 << 24), np.ones(2), 0, 0) for _ in range(3)],
+        # a prepared epoch: what remains of its validation per call is small beside 400 steps
+        "train_epoch": lambda: [epochs(order, (Ws, bs), None, 0.01) for _ in range(3)],
     }
 
 
@@ -113,17 +116,41 @@ def test_gil_probe_detects_a_gil_holding_call():
 def test_compiled_kernels_release_the_gil(monkeypatch, backend, kernel):
     # one epoch thread and one BLAS thread: the question is the GIL, and a busy Python thread beside a
     # two-thread OpenMP team or OpenBLAS on a 2-core machine slows the kernel down by up to 100x
-    if backend == "cython":
-        import fastmlp.backends.cython as cy
-
-        monkeypatch.setattr(cy, "NUM_THREADS", 1)
-    else:
-        from fastmlp import config
-
-        monkeypatch.setattr(config, "NUM_THREADS", 1)
+    monkeypatch.setenv("FASTMLP_NUM_THREADS", "1")
     calls = _kernel_calls(backend)
     calls[kernel]()  # compile / warm up
     with threadpool_limits(limits=1):
         frac, secs = _gil_free_fraction(calls[kernel])
     print(f"{backend}.{kernel}: other thread ran at {frac:.0%} of its solo speed during {secs:.2f} s")
     assert frac > GIL_FREE, f"{backend}.{kernel} seems to hold the GIL (other thread at {frac:.0%} of its speed)"
+
+
+def test_thread_limit_is_per_thread_and_nests():
+    """thread_limit is a context variable: a cap in one thread leaves the budget of another alone."""
+    from fastmlp import _threads
+
+    full = _threads.thread_budget()
+    inside, outside = [], []
+    entered, release = threading.Event(), threading.Event()
+
+    def capped():
+        with _threads.thread_limit(1):
+            inside.append(_threads.thread_budget())
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=capped)
+    t.start()
+    entered.wait(10)
+    outside.append(_threads.thread_budget())
+    release.set()
+    t.join()
+    assert inside == [1] and outside == [full]
+    with _threads.thread_limit(2):
+        with _threads.thread_limit(1):
+            assert _threads.current_cap() == 1
+        assert _threads.current_cap() == 2
+    assert _threads.current_cap() is None and _threads.thread_budget() == full
+    with pytest.raises(TypeError):
+        with _threads.thread_limit(1.5):
+            pass
