@@ -305,10 +305,35 @@ def test_mc_predict_classic_dropout_uses_training_masks(rng):
     np.testing.assert_allclose(res.mean, mc.output_to_proba(one, "sigmoid"), rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_mc_predict_binary_unit_and_count_outputs(backend, rng):
+    """One sigmoid unit (binary cross-entropy) gives two class columns ``[1 - p, p]``; an exp output
+    (Poisson counts) is normalized like the other non-softmax outputs; both the same on every backend."""
+    X, y = _blobs(rng, n=40)
+    yb = (y > 0).astype(int)
+    net = Network([6, 5, 1], loss="ce", backend=backend, seed=0)
+    assert net.output == "sigmoid" and net.n_classes == 2
+    net.fit(X, yb, epochs=2, batch_size=10, dropout=0.3, verbose=False, seed=1)
+    res = net.mc_predict(X, n_samples=4, seed=2)
+    assert res.mean.shape == (40, 2)
+    one = np.array([_manual_mc_sample(net, X, 2, s, [1.0, 0.7], [1.0, 1 / 0.7])[:, 0] for s in range(4)])
+    np.testing.assert_allclose(res.mean[:, 1], one.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(res.mean.sum(1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(res.predict(), (res.mean[:, 1] > 0.5).astype(int))
+    counts = Network([6, 5, 2], activation="relu", loss="poisson", backend=backend, seed=0)
+    assert counts.output == "exp"
+    c = counts.mc_predict(X, n_samples=3, seed=2, dropout=0.2)
+    ref = Network([6, 5, 2], activation="relu", loss="poisson", backend="numpy", seed=0).mc_predict(X, n_samples=3,
+                                                                                                     seed=2, dropout=0.2)
+    np.testing.assert_allclose(c.mean, ref.mean, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(c.mean.sum(1), 1.0, rtol=1e-12)
+
+
 def test_output_to_proba():
     A = np.array([[0.2, 0.6], [0.0, 0.0], [-1.0, 3.0]])
     np.testing.assert_allclose(mc.output_to_proba(A, "sigmoid"), [[0.25, 0.75], [0.5, 0.5], [0.0, 1.0]])
     np.testing.assert_array_equal(mc.output_to_proba(A[:1], "softmax"), A[:1])
+    np.testing.assert_allclose(mc.output_to_proba(np.array([[0.25], [1.0]]), "sigmoid"), [[0.75, 0.25], [0.0, 1.0]])
 
 
 # ---------------------------------------------------------------------------- early stopping on a synthetic curve
