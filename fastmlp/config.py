@@ -1,7 +1,8 @@
 """Compiler flags of the Numba backend, set in one place.
 
 Every ``@njit`` kernel in :mod:`fastmlp.backends.numba.kernels` takes its options from
-:func:`jit_options`; no kernel sets a flag of its own.  The values are read
+:func:`jit_options`; no kernel sets a flag of its own (the one helper compiled apart, the
+vectorized ``exp``, takes :func:`fastmath_without_reassoc`).  The values are read
 once, at import, from these environment variables (unset means the default):
 
 ``FASTMLP_NUMBA_FASTMATH`` (default ``"safe"``)
@@ -31,13 +32,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["BOUNDSCHECK", "CACHE", "FASTMATH", "PARALLEL", "jit_options", "pool_size"]
+__all__ = ["BOUNDSCHECK", "CACHE", "FASTMATH", "PARALLEL", "fastmath_without_reassoc", "jit_options", "pool_size"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 #: fastmath flags that keep NaN/Inf semantics (no ``nnan``/``ninf``)
 SAFE_FASTMATH: frozenset[str] = frozenset({"contract", "reassoc", "arcp", "nsz", "afn"})
+#: every LLVM fast-math flag (what ``fastmath=True`` sets)
+_ALL_FASTMATH: frozenset[str] = SAFE_FASTMATH | {"nnan", "ninf"}
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -99,6 +102,15 @@ def jit_options(*, parallel: bool = False) -> dict[str, object]:
         "error_model": "numpy",
         "parallel": bool(parallel and PARALLEL),
     }
+
+
+def fastmath_without_reassoc() -> bool | set[str]:
+    """:data:`FASTMATH` less ``"reassoc"``: the flags of code whose rounding order matters (the range
+    reduction of the kernels' ``exp``); the other flags (FMA contraction, ...) keep its accuracy."""
+    if FASTMATH is False:
+        return False
+    flags = set(FASTMATH) if isinstance(FASTMATH, frozenset) else set(_ALL_FASTMATH)
+    return flags - {"reassoc"}
 
 
 def pool_size() -> int:

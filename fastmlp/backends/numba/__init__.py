@@ -1,17 +1,24 @@
 """Numba backend: the kernels of :mod:`fastmlp.backends.reference`, compiled.
 
-Same names, signatures and semantics as the reference (the spec); the
-arguments arrive validated by :class:`fastmlp.backends.Backend`.  Importing
-this module imports Numba (an ``ImportError`` says why when it cannot) but
-compiles nothing: each kernel is compiled for a dtype on its first call, or
-loaded from Numba's on-disk cache (``fastmlp/_numba/__pycache__`` or
-``$NUMBA_CACHE_DIR``) when an earlier process compiled it.  Flags live in
-:mod:`fastmlp.config`.
+Same names, signatures and semantics as the reference (the spec, see
+:mod:`fastmlp.backends.contract`); the arguments arrive validated by
+:class:`fastmlp.backends.Backend`.  Every kernel, the whole training epoch
+included, runs compiled for every target kind, loss, optimizer and option of
+the contract.
 
-``train_epoch`` runs a whole epoch in one compiled call.  The weights are
-packed into one flat vector for the call (one signature serves every depth)
-and copied back into the caller's arrays afterwards; that copy is a few
-hundred kB against an epoch of gemms.
+Importing this module imports Numba (an ``ImportError`` says why when it
+cannot) but compiles nothing: each kernel is compiled for a dtype on its first
+call, or loaded from Numba's on-disk cache (``__pycache__`` beside
+:mod:`fastmlp.backends.numba.kernels`, or ``$NUMBA_CACHE_DIR``) when an
+earlier process compiled it.  Flags live in :mod:`fastmlp.config`.
+
+``train_epoch`` runs a whole epoch in one compiled call.  The weights and each
+optimizer state slot are packed into flat vectors for the call (one signature
+serves every depth) and copied back into the caller's arrays afterwards; that
+copy is a few hundred kB against an epoch of matrix products.  Threads follow
+:mod:`fastmlp._threads`: the minibatch is cut into ``n_blocks(sizes, batch)``
+row blocks whatever the thread count, so one thread and several compute the
+same bits, and the thread count is the measured faster one.
 """
 
 from __future__ import annotations
@@ -19,23 +26,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
 try:
-    import numba  # noqa: F401 - the import is the availability check
+    import numba
 except Exception as exc:  # any failure (missing, broken llvmlite, NumPy mismatch) makes the backend unavailable
     raise ImportError(f"the numba backend needs the 'numba' package, which failed to import: {exc}") from exc
 
 from fastmlp import _threads, config
-from fastmlp.backends import reference as _ref
-from fastmlp.backends.contract import ACT_CODES, LOSS_CODES, EpochPlan, OptimizerState
+from fastmlp.backends.contract import EpochPlan, OptimizerState
 
 NAME = "numba"
 
 __all__ = [
     "NAME",
     "dropout_mask",
+    "fit_context",
     "forward",
     "forward_network",
     "hidden_delta",
@@ -48,6 +56,9 @@ _kernels = None
 _load_lock = threading.Lock()
 #: measured thread choice of train_epoch (see fastmlp._threads)
 _choice = _threads.ThreadChoice()
+#: stand-ins for the arguments a call does not read (labels with dense targets, weights when unweighted)
+_NO_LABELS = np.empty(0, np.int64)
+_NO_WEIGHTS = np.empty(0, np.float64)
 
 
 def _k():
@@ -86,6 +97,24 @@ def _unflat(theta: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[n
         off += b.size
 
 
+def _flat_state(state: OptimizerState, n_params: int, dtype: np.dtype) -> np.ndarray:
+    """The state slots as rows of one ``(max(1, n_slots), n_params)`` matrix, each laid out as theta."""
+    n_slots = len(state.weights)
+    if n_slots == 0:
+        return np.zeros((1, 0), dtype)  # read by no optimizer without slots
+    S = np.empty((n_slots, n_params), dtype)
+    for s in range(n_slots):
+        S[s] = _flat(state.weights[s], state.biases[s])[0]
+    return S
+
+
+def _targets(Y: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(labels, dense, is_dense)`` for the kernels: the targets in their slot, a stand-in in the other."""
+    if Y.ndim == 2:
+        return _NO_LABELS, _aligned(Y), True
+    return _aligned(Y), np.empty((0, 0), dtype), False
+
+
 def forward(A: np.ndarray, W: np.ndarray, b: np.ndarray, act: int, out: np.ndarray) -> None:
     """``out = act(A @ W.T + b)``.
 
@@ -102,16 +131,17 @@ def forward(A: np.ndarray, W: np.ndarray, b: np.ndarray, act: int, out: np.ndarr
     _k().forward[W.dtype](_aligned(A), _aligned(W), _aligned(b), act, out)
 
 
-def output_delta(A: np.ndarray, y: np.ndarray, output: int, loss: int, out: np.ndarray) -> tuple[float, int]:
-    """Delta of the loss w.r.t. the output pre-activation, from integer labels.
+def output_delta(A: np.ndarray, Y: np.ndarray, output: int, loss: int, out: np.ndarray) -> tuple[float, int]:
+    """Delta of the loss w.r.t. the output pre-activation, unweighted (``c_i = 1/n``).
 
     Parameters
     ----------
     A : ndarray (n_samples, n_classes)
         Output activations.
-    y : ndarray of int64 (n_samples,)
+    Y : ndarray
+        int64 labels ``(n_samples,)`` (0/1 for one unit) or dense targets ``(n_samples, n_classes)`` of ``A``'s dtype.
     output, loss : int
-        Output activation and loss codes.
+        Output activation and loss codes (a pair of the contract).
     out : ndarray (n_samples, n_classes)
         The delta, written in place.
 
@@ -120,11 +150,10 @@ def output_delta(A: np.ndarray, y: np.ndarray, output: int, loss: int, out: np.n
     loss_sum : float
         Data loss summed over the samples (float64).
     n_correct : int
-        Rows whose first arg-max equals the label.
+        Rows whose prediction matches the target (the contract's rules).
     """
-    if y.ndim == 2 or not _k_supports(output, loss, A.shape[1]):
-        return _ref.output_delta(A, y, output, loss, out)
-    ls, nc = _k().output_delta[A.dtype](_aligned(A), _aligned(y), output, loss, out)
+    Yl, Yd, dense = _targets(Y, A.dtype)
+    ls, nc = _k().output_delta[A.dtype](_aligned(A), Yl, Yd, dense, output, loss, out)
     return float(ls), int(nc)
 
 
@@ -168,16 +197,37 @@ def forward_network(
     X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray], hidden_act: int, output_act: int, out: np.ndarray
 ) -> None:
     """Output activations ``out (n_samples, n_classes)`` of the whole network for ``X (n_samples, n_in)``."""
-    if output_act == ACT_CODES["exp"]:
-        _ref.forward_network(X, weights, biases, hidden_act, output_act, out)
-        return
     theta, sizes = _flat(weights, biases)
     _k().forward_network[X.dtype](_aligned(X), theta, sizes, hidden_act, output_act, out)
 
 
-def _k_supports(output: int, loss: int, k: int) -> bool:
-    """Whether the compiled output delta covers this pair (the labels kind, the lecture's losses)."""
-    return loss in (LOSS_CODES["mse"], LOSS_CODES["ce"]) and output != ACT_CODES["exp"] and k >= 2
+def n_chunks_for(sizes: Sequence[int], batch_size: int, n_used: int) -> int:
+    """Row blocks of each minibatch of an epoch over ``n_used`` rows: :func:`fastmlp._threads.n_blocks` of the
+    shape when the parallel variant is compiled (:data:`fastmlp.config.PARALLEL`), else 1."""
+    if not config.PARALLEL or n_used <= 0:
+        return 1
+    return _threads.n_blocks(list(sizes), min(int(batch_size), int(n_used)))
+
+
+def fit_context(sizes: list[int], batch_size: int) -> AbstractContextManager[bool]:
+    """Context for a whole ``fit``: keeps the BLAS on one thread across epochs when they are split over threads.
+
+    Between epochs the validation pass would otherwise wake OpenBLAS's own
+    threads, which then spin for a while and slow the next epoch down.
+    """
+    if n_chunks_for(sizes, batch_size, batch_size) > 1 and _threads.thread_budget() > 1 and config.pool_size() > 1:
+        return _threads.blas_pinned()
+    return nullcontext(False)
+
+
+def _on_threads(kern, args: tuple, n_threads: int):
+    """``kern(*args)`` with Numba's pool of this thread set to ``n_threads``, restored after."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(n_threads)
+    try:
+        return kern(*args)
+    finally:
+        numba.set_num_threads(old)
 
 
 def train_epoch(
@@ -194,50 +244,63 @@ def train_epoch(
 ) -> tuple[float, float, int]:
     """One epoch in one compiled call (semantics of :func:`fastmlp.backends.reference.train_epoch`).
 
-    Returns ``(loss_sum, penalty_sum, n_correct)``.
-    """
-    if (plan.target != "labels" or plan.optimizer != "sgd" or plan.alpha or sample_weight is not None
-            or not _k_supports(plan.output_code, plan.loss_code, plan.sizes[-1])):  # fmt: skip
-        return _ref.train_epoch(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight)
-    theta, sizes = _flat(weights, biases)
-    bs = plan.batch_size
-    n_chunks = _threads.n_blocks(plan.sizes, min(bs, order.shape[0])) if config.PARALLEL else 1
-    # the chunks depend on the shape only; how many threads run them does not change the result:
-    # measure one and several now and then and keep the faster
-    key = (plan.sizes, bs, X.dtype.char)
-    n_threads = _choice.choose(key, min(n_chunks, _threads.thread_budget(), config.pool_size()))
-    entry = _k().train_epoch
-    # a first call's compilation is not a speed
-    timed = entry.is_compiled(X.dtype, n_chunks > 1)
-    kern = entry[X.dtype, n_chunks > 1]
-    args = (
-        _aligned(X), _aligned(Y), _aligned(order), theta, sizes, _aligned(lrs),
-        plan.hidden_code, plan.output_code, plan.loss_code, int(bs), float(plan.l2), float(plan.l1),
-        plan.thresholds_array, plan.scales_array, np.uint64(plan.seed), int(step0), n_chunks,
-    )  # fmt: skip
-    if n_chunks > 1:
-        import numba as nb
+    Updates ``weights``, ``biases`` and ``state`` (its arrays and its step
+    count ``t``) in place and returns ``(loss_sum, penalty_sum, n_correct)``.
 
-        old = nb.get_num_threads()
-        nb.set_num_threads(n_threads)
-        try:
-            # two levels of threads oversubscribe the cores: BLAS runs single-threaded meanwhile
-            with _threads.blas_pinned():
-                t0 = time.perf_counter()
-                loss_sum, n_correct = kern(*args)
-                if timed:
-                    _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])
-        finally:
-            nb.set_num_threads(old)
-    else:
-        loss_sum, n_correct = kern(*args)
+    Each minibatch is cut into ``n_chunks_for(plan.sizes, batch, n_used)`` row
+    blocks; with more than one the parallel-compiled variant runs, on the
+    thread count :class:`fastmlp._threads.ThreadChoice` measured to be faster
+    (at most the blocks, :func:`fastmlp._threads.thread_budget` and Numba's
+    pool), with the BLAS held on one thread meanwhile.  The result depends on
+    the blocks only.
+    """
+    n_used = order.shape[0]
+    n_chunks = n_chunks_for(plan.sizes, plan.batch_size, n_used)
+    call = (X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight)
+    if n_chunks == 1:
+        return _epoch(*call, n_chunks=1, parallel=False, n_threads=1)
+    key = (plan.sizes, plan.batch_size, X.dtype.char)
+    timed = _k().train_epoch.is_compiled(X.dtype, True)  # a first call's compilation is not a speed
+    n_threads = _choice.choose(key, min(n_chunks, _threads.thread_budget(), config.pool_size()))
+    # two levels of threads oversubscribe the cores: the BLAS runs on one thread while ours run
+    with _threads.blas_pinned() if n_threads > 1 else nullcontext(True) as pinned:
+        if not pinned:  # no BLAS found, so it cannot be kept off our threads: stay on one
+            n_threads = 1
+        t0 = time.perf_counter()
+        out = _epoch(*call, n_chunks=n_chunks, parallel=True, n_threads=n_threads)
+        if timed:
+            _choice.record(key, n_threads, time.perf_counter() - t0, n_used)
+    return out
+
+
+def _epoch(X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray],
+           state: OptimizerState, lrs: np.ndarray, plan: EpochPlan, step0: int, sample_weight: np.ndarray | None, *,
+           n_chunks: int, parallel: bool, n_threads: int) -> tuple[float, float, int]:  # fmt: skip
+    """:func:`train_epoch` with the blocks, the variant and the thread count given (``n_threads`` only matters
+    for the parallel variant)."""
+    theta, sizes = _flat(weights, biases)
+    S = _flat_state(state, theta.shape[0], X.dtype)
+    Yl, Yd, dense = _targets(Y, X.dtype)
+    weighted = sample_weight is not None
+    sw = _aligned(sample_weight) if weighted else _NO_WEIGHTS
+    kern = _k().train_epoch[X.dtype, parallel]
+    args = (
+        _aligned(X), Yl, Yd, dense, sw, weighted, _aligned(order), theta, S, sizes, _aligned(lrs),
+        plan.hidden_code, plan.output_code, plan.loss_code, int(plan.batch_size), float(plan.l2), float(plan.l1),
+        float(plan.alpha), plan.thresholds_array, plan.scales_array, plan.optimizer_code, float(plan.momentum),
+        float(plan.beta1), float(plan.beta2), float(plan.eps), plan.eps_code, np.uint64(plan.seed), int(step0),
+        int(state.t), int(n_chunks),
+    )  # fmt: skip
+    loss_sum, pen_sum, n_correct = _on_threads(kern, args, n_threads) if parallel else kern(*args)
     _unflat(theta, weights, biases)
-    return float(loss_sum), 0.0, int(n_correct)
+    for s in range(len(state.weights)):
+        _unflat(S[s], state.weights[s], state.biases[s])
+    if plan.optimizer != "gradient":
+        state.t += plan.n_steps(order.shape[0])
+    return float(loss_sum), float(pen_sum), int(n_correct)
 
 
 def describe() -> str:
     """One line on the Numba settings, for ``fastmlp info``."""
-    import numba
-
     return (f"numba {numba.__version__}, parallel {'on' if config.PARALLEL else 'off'}, "
             f"{config.pool_size()} threads, fastmath {config.FASTMATH!r}, cache {'on' if config.CACHE else 'off'}")  # fmt: skip

@@ -3,22 +3,30 @@
 Nothing here validates: :mod:`fastmlp.backends.numba` is the only caller and
 :class:`fastmlp.backends.Backend` validated every argument before it.  All
 arrays are C-contiguous and of one float dtype (float32 or float64); labels,
-orders and offsets are int64.
+orders and offsets are int64, sample weights and learning rates float64.
 
 Entry kernels are :class:`LazyKernel` objects: ``kernel[dtype]`` compiles the
 kernel with an explicit signature for that dtype on first use (or loads it
 from Numba's on-disk cache), so importing this module compiles nothing.
 Helpers (``_name``) have no signature and are compiled into their callers.
+The formulas are those of :mod:`fastmlp.backends.contract`, in the rounding
+order of :mod:`fastmlp.backends.reference`.
 
 Numerics
 --------
-* The sigmoid and the softmax use :func:`_exp32`/:func:`_exp64`, a branch-free
-  ``exp`` (Cody–Waite range reduction, a Taylor polynomial, the power of two
-  built in the exponent bits) that LLVM vectorizes; a scalar ``math.exp``
-  call does not vectorize without SVML and costs several ns an element.
-* Weights live in one flat vector per network (``theta``); the views
-  ``W_l (n_out, n_in)`` and ``b_l (n_out,)`` are rebuilt from offsets inside
-  the kernel, so one signature serves every depth.
+* The sigmoid, the softmax and the ``exp`` output use :func:`_exp32`/:func:`_exp64`,
+  a branch-free ``exp`` (Cody–Waite range reduction, a Taylor polynomial, the
+  power of two built in the exponent bits) that LLVM vectorizes; a scalar
+  ``math.exp`` call does not vectorize without SVML and costs several ns an
+  element.  Its argument is capped at the contract's :data:`~fastmlp.backends.contract.EXP_CAP`.
+* Weights live in one flat vector per network (``theta``: ``W_0, b_0, W_1, b_1, ...``);
+  the views ``W_l (n_out, n_in)`` and ``b_l (n_out,)`` are rebuilt from offsets
+  inside the kernel, so one signature serves every depth.  The optimizer state
+  is a matrix ``S (n_slots, n_params)`` whose rows have theta's layout, and the
+  epoch's gradient buffer has it too, so the update is one pass over flat
+  blocks of ``theta``, ``S`` and the gradient.
+* Targets reach the loss as a dense row ``t``: labels become ``onehot(y)`` (or
+  ``y`` itself for one output unit) in a per-minibatch buffer.
 * Dropout masks are the splitmix64 counter hash of
   :mod:`fastmlp.backends.contract`, in wrapping uint64 arithmetic (every
   operand is typed uint64: mixing int64 and uint64 in Numba gives float64).
@@ -36,9 +44,17 @@ from numba import prange, types
 from numba.extending import intrinsic, overload, register_jitable
 
 from fastmlp import config
-from fastmlp.backends.contract import ACT_CODES, GOLDEN, KEEP_BITS, LOSS_CODES, MIX1, MIX2
-
-LOG_EPS = 1e-12
+from fastmlp.backends.contract import (
+    ACT_CODES,
+    EPS_MODES,
+    EXP_CAP,
+    GOLDEN,
+    KEEP_BITS,
+    LOSS_CODES,
+    MIX1,
+    MIX2,
+    OPTIMIZER_CODES,
+)
 
 # integer codes, frozen into the kernels as compile-time constants
 _IDENT = ACT_CODES["identity"]
@@ -46,8 +62,16 @@ _SIG = ACT_CODES["sigmoid"]
 _TANH = ACT_CODES["tanh"]
 _RELU = ACT_CODES["relu"]
 _SOFT = ACT_CODES["softmax"]
+_EXP = ACT_CODES["exp"]
 _MSE = LOSS_CODES["mse"]
 _CE = LOSS_CODES["ce"]
+_SQE = LOSS_CODES["squared_error"]
+_POIS = LOSS_CODES["poisson"]
+_SGD = OPTIMIZER_CODES["sgd"]
+_MOM = OPTIMIZER_CODES["momentum"]
+_NAG = OPTIMIZER_CODES["nesterov"]
+_GRAD = OPTIMIZER_CODES["gradient"]
+_TORCH = EPS_MODES["torch"]
 _FULL = 1 << KEEP_BITS
 
 _G = np.uint64(GOLDEN)
@@ -58,6 +82,10 @@ _S27 = np.uint64(27)
 _S30 = np.uint64(30)
 _S31 = np.uint64(31)
 _S40 = np.uint64(40)
+
+# probabilities inside a log are clipped to [eps, 1 - eps], eps the dtype's machine epsilon (the contract)
+_EPS_32 = np.float32(np.finfo(np.float32).eps)
+_EPS_64 = float(np.finfo(np.float64).eps)
 
 
 # --------------------------------------------------------------------------- exp
@@ -89,9 +117,11 @@ def _bits_as_f32(typingctx, bits):
 _LOG2E_64 = 1.4426950408889634
 _LN2HI_64 = 6.93147180369123816490e-01
 _LN2LO_64 = 1.90821492927058770002e-10
-# the argument is clamped so that 2**k stays a normal number: exp(708) ~ 3e307,
-# exp(-708) ~ 3e-308; beyond, the sigmoid is 0 or 1 to within 1e-307
-_XMAX_64 = 708.0
+# the argument is capped at the contract's EXP_CAP (exp(708) ~ 3e307 stays finite) and floored where 2**k
+# stays a normal number (exp(-708) ~ 3e-308 instead of a subnormal or 0: a sigmoid or softmax is then off by
+# less than 1e-307)
+_XMAX_64 = float(EXP_CAP["float64"])
+_XMIN_64 = -708.0
 # 1/j! for the Taylor polynomial of degree 13 on |r| <= ln2/2: truncation
 # error r**14/14! < 5e-18, below half an ulp
 _C64 = tuple(1.0 / math.factorial(j) for j in range(14))
@@ -99,17 +129,18 @@ _C64 = tuple(1.0 / math.factorial(j) for j in range(14))
 _LOG2E_32 = np.float32(1.4426950408889634)
 _LN2HI_32 = np.float32(0.693359375)  # 8 significant bits: k * _LN2HI_32 exact for |k| < 2**15
 _LN2LO_32 = np.float32(-2.12194440e-4)
-_XMAX_32 = np.float32(87.0)  # 2**126 * 1.x stays finite, 2**-126 normal
+# cap 88: k = 127, 2**127 * 1.x stays finite (exp(88) ~ 1.65e38); floor -87: k >= -126 keeps 2**k normal
+_XMAX_32 = np.float32(EXP_CAP["float32"])
+_XMIN_32 = np.float32(-87.0)
 _HALF_32 = np.float32(0.5)
 _ONE_32 = np.float32(1.0)
 # degree 7 on |r| <= ln2/2: truncation error r**8/8! < 6e-9, below half an ulp of float32
 _C32 = tuple(np.float32(1.0 / math.factorial(j)) for j in range(8))
 
 
-@register_jitable(inline="always")
-def _exp64(x):
-    """``exp(x)`` for a float64, branch-free (vectorizable), within ~1 ulp for |x| <= 708."""
-    x = min(max(x, -_XMAX_64), _XMAX_64)
+def _exp64_py(x):
+    """``exp(x)`` for a float64, branch-free (vectorizable), within ~1 ulp on [-708, 708]."""
+    x = min(max(x, _XMIN_64), _XMAX_64)
     k = np.floor(x * _LOG2E_64 + 0.5)
     r = (x - k * _LN2HI_64) - k * _LN2LO_64
     p = _C64[13]
@@ -130,10 +161,9 @@ def _exp64(x):
     return p * _bits_as_f64((np.int64(k) + 1023) << 52)
 
 
-@register_jitable(inline="always")
-def _exp32(x):
-    """``exp(x)`` for a float32 in float32 arithmetic, branch-free, within ~1 ulp for |x| <= 87."""
-    x = min(max(x, -_XMAX_32), _XMAX_32)
+def _exp32_py(x):
+    """``exp(x)`` for a float32 in float32 arithmetic, branch-free, within ~1 ulp on [-87, 88]."""
+    x = min(max(x, _XMIN_32), _XMAX_32)
     k = np.floor(x * _LOG2E_32 + _HALF_32)
     r = (x - k * _LN2HI_32) - k * _LN2LO_32
     p = _C32[7]
@@ -148,17 +178,41 @@ def _exp32(x):
     return p * _bits_as_f32(np.int32((np.int64(k) + 127) << 23))
 
 
+# The range reduction must be evaluated as written: reassociating ``(x - k ln2_hi) - k ln2_lo`` into
+# ``x - k ln2`` (allowed by fastmath's "reassoc") costs up to ~100 ulp near the cap, so the exp is a jitted
+# function of its own, compiled with the kernels' fastmath flags less "reassoc"; LLVM still inlines it into
+# the callers' loops (fast-math flags are per instruction) and vectorizes them.
+_EXP_OPTS = {"fastmath": config.fastmath_without_reassoc(), "error_model": "numpy", "nogil": True, "cache": False,
+             "boundscheck": False}  # fmt: skip
+_exp64 = numba.njit(**_EXP_OPTS)(_exp64_py)
+_exp32 = numba.njit(**_EXP_OPTS)(_exp32_py)
+
+
 def _vexp(x):  # pragma: no cover - typing stub, replaced by the overload below
     raise NotImplementedError
 
 
-@overload(_vexp, inline="always")
+@overload(_vexp)
 def _ol_vexp(x):
     """Pick the exp of the argument's own precision (float32 stays float32: twice the SIMD lanes)."""
     if x == types.float32:
         return lambda x: _exp32(x)
     if x == types.float64:
         return lambda x: _exp64(x)
+    return None
+
+
+def _clip_prob(a):  # pragma: no cover - typing stub, replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_clip_prob, inline="always")
+def _ol_clip_prob(a):
+    """``clip(a, eps, 1 - eps)`` in the argument's own dtype, ``eps`` its machine epsilon (scikit-learn's clip)."""
+    if a == types.float32:
+        return lambda a: min(max(a, _EPS_32), _ONE_32 - _EPS_32)
+    if a == types.float64:
+        return lambda a: min(max(a, _EPS_64), 1.0 - _EPS_64)
     return None
 
 
@@ -181,6 +235,9 @@ def _bias_act_rows(Z, b, act, r0, r1):
         elif act == _TANH:
             for j in range(n_out):
                 z[j] = np.tanh(z[j] + b[j])
+        elif act == _EXP:
+            for j in range(n_out):
+                z[j] = _vexp(z[j] + b[j])
         elif act == _SOFT:
             # shift by the row maximum: exp(z - max) <= 1 never overflows
             zmax = z[0] + b[0]
@@ -220,6 +277,13 @@ def _deriv_rows(A, out, act, r0, r1):
 
 
 @register_jitable
+def _copy_row(src, dst):
+    """``dst[:] = src`` as a loop (Numba's slice assignment compiles a shape-error message formatter: seconds)."""
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+@register_jitable
 def _mul_rows(out, M, r0, r1):
     """``out[r] *= M[r]`` (the dropout multipliers of the forward pass)."""
     n = out.shape[1]
@@ -232,44 +296,123 @@ def _mul_rows(out, M, r0, r1):
 
 # ------------------------------------------------------------------------ losses
 @register_jitable
-def _output_delta_rows(A, y, output, loss, out, r0, r1, n):
-    """Output delta of rows ``r0 <= r < r1``; ``n`` is the whole batch's size (the gradient's divisor).
+def _target_row(Yl, Yd, dense, src, t):
+    """Target row ``t (k,)`` of sample ``src``: ``Yd[src]``, or from the label ``onehot(Yl[src])`` (``Yl[src]``
+    itself when ``k == 1``)."""
+    k = t.shape[0]
+    if dense:
+        for j in range(k):
+            t[j] = Yd[src, j]
+    else:
+        for j in range(k):
+            t[j] = 0.0
+        if k == 1:
+            t[0] = Yl[src]
+        else:
+            t[Yl[src]] = 1.0
 
-    Returns the float64 loss summed over those rows and their count of first
-    arg-max hits (see the contract for the formulas).
+
+@register_jitable
+def _argmax(a):
+    """The first index of the maximum (NumPy's ``argmax``)."""
+    best = 0
+    for j in range(1, a.shape[0]):
+        if a[j] > a[best]:
+            best = j
+    return best
+
+
+@register_jitable
+def _sample_loss(a, t, output, loss):
+    """Data loss ``l_i`` of one row (float64), the contract's table."""
+    k = a.shape[0]
+    li = 0.0
+    if loss == _MSE or loss == _SQE:
+        for j in range(k):
+            dj = np.float64(a[j]) - np.float64(t[j])
+            li = li + dj * dj
+        li = li / k
+        if loss == _SQE:
+            li = 0.5 * li
+    elif loss == _POIS:
+        # t log(t / a) - t + a, with 0 log 0 = 0
+        for j in range(k):
+            tj = np.float64(t[j])
+            aj = np.float64(a[j])
+            x = 0.0
+            if tj != 0.0:
+                x = tj * math.log(tj / aj)
+            li = li + ((x - tj) + aj)
+    elif output == _SOFT:
+        for j in range(k):
+            tj = np.float64(t[j])
+            if tj != 0.0:
+                li = li - tj * math.log(np.float64(_clip_prob(a[j])))
+    else:  # binary cross-entropy of every unit
+        for j in range(k):
+            p = np.float64(_clip_prob(a[j]))
+            tj = np.float64(t[j])
+            uj = 1.0 - tj
+            x = 0.0
+            if tj != 0.0:
+                x = tj * math.log(p)
+            if uj != 0.0:
+                x = x + uj * math.log(1.0 - p)
+            li = li - x
+    return li
+
+
+@register_jitable
+def _output_rows(A, T, output, loss, subset, wts, weighted, s, out, r0, r1):
+    """Output delta ``out`` and loss of rows ``r0 <= r < r1`` against the target rows ``T``.
+
+    ``s`` is the minibatch's weight sum (its row count when not ``weighted``):
+    ``c_i = wts[i] / s`` (in float64, then rounded) multiplies ``(a - t)``,
+    or the difference is divided by ``s`` as the notebook writes it
+    (``2 (a - t) / n`` for its MSE).  ``subset`` counts a row as correct when
+    every unit is on the target's side of 0.5 (dense targets, sigmoid output),
+    else when the arg-maxes agree (one unit: both above 0.5 or neither).
+
+    Returns ``(sum_i l_i, n_correct)``, the sum weighted by ``wts`` when ``weighted``.
     """
     k = A.shape[1]
     dt = A.dtype.type
     one = dt(1.0)
     two = dt(2.0)
-    nf = dt(n)
+    half = dt(0.5)
+    nf = dt(s)
     loss_sum = 0.0
     n_correct = 0
     for r in range(r0, r1):
         a = A[r]
+        t = T[r]
         d = out[r]
-        t = y[r]
-        # n_correct: the first arg-max
-        best = 0
-        for j in range(1, k):
-            if a[j] > a[best]:
-                best = j
-        if best == t:
+        if subset:
+            ok = True
+            for j in range(k):
+                if (a[j] > half) != (t[j] > half):
+                    ok = False
+        elif k == 1:
+            ok = (a[0] > half) == (t[0] > half)
+        else:
+            ok = _argmax(a) == _argmax(t)
+        if ok:
             n_correct += 1
-        # diff = a - onehot(t), in the network's dtype
+        li = _sample_loss(a, t, output, loss)
+        loss_sum = loss_sum + (li * wts[r] if weighted else li)
         for j in range(k):
-            d[j] = a[j]
-        d[t] = a[t] - one
+            d[j] = a[j] - t[j]
         if loss == _MSE:
-            # per-sample mean over classes of (a - y)^2, squared in float64
-            s = 0.0
             for j in range(k):
-                dj = np.float64(d[j])
-                s = s + dj * dj
-            loss_sum = loss_sum + s / k
-            # the notebook's scaling 2 (a - y) / batch_size
+                d[j] = two * d[j]
+        if weighted:
+            c = dt(wts[r] / s)
             for j in range(k):
-                d[j] = (two * d[j]) / nf
+                d[j] = d[j] * c
+        else:
+            for j in range(k):
+                d[j] = d[j] / nf
+        if loss == _MSE:
             if output == _SIG:
                 for j in range(k):
                     d[j] = d[j] * (a[j] * (one - a[j]))
@@ -280,19 +423,6 @@ def _output_delta_rows(A, y, output, loss, out, r0, r1, n):
                     s2 = s2 + d[j] * a[j]
                 for j in range(k):
                     d[j] = a[j] * (d[j] - s2)
-        else:
-            if output == _SOFT:
-                loss_sum = loss_sum - math.log(max(np.float64(a[t]), LOG_EPS))
-            else:
-                # binary cross-entropy per unit: target 1 on the label's unit, 0 elsewhere
-                s = 0.0
-                for j in range(k):
-                    s = s + math.log(max(1.0 - np.float64(a[j]), LOG_EPS))
-                at = np.float64(a[t])
-                s = s + (math.log(max(at, LOG_EPS)) - math.log(max(1.0 - at, LOG_EPS)))
-                loss_sum = loss_sum - s
-            for j in range(k):
-                d[j] = d[j] / nf
     return loss_sum, n_correct
 
 
@@ -346,43 +476,82 @@ def _dropout_rows(A, M, A_in, key, thr, scale, r0, r1):
 
 # ------------------------------------------------------------------------ update
 @register_jitable
-def _update_rows(W, b, G, D, lr, l2, l1, o0, o1):
-    """SGD step on rows ``o0 <= o < o1`` of ``W`` and ``b``.
+def _sumsq(w):
+    """``sum(w**2)`` in float64."""
+    s = 0.0
+    for j in range(w.shape[0]):
+        x = np.float64(w[j])
+        s = s + x * x
+    return s
 
-    ``G (o1 - o0, n_in)`` holds ``(D.T @ A)[o0:o1]`` and ``D (n, o1 - o0)`` the
-    matching columns of the delta (both indexed from 0).
 
-    ``W <- decay W - lr l1 sign(W_old) - lr G`` with ``decay = max(0, 1 - lr l2)``
-    (L2 as weight decay, clamped so that a huge ``lr l2`` cannot flip signs);
-    ``b <- b - lr sum(D, 0)``: biases are never penalized.
+@register_jitable
+def _opt_step(w, g, s0, s1, opt, lr, dec, l1s, alpha_s, mu, b1, b2, a_adam, d_adam, eps):
+    """One optimizer step on a flat block ``w`` of parameters with gradient ``g``, in place (the contract's table).
+
+    ``s0``/``s1`` are the matching blocks of the optimizer's state slots (unused
+    ones may be anything).  The gradient is ``g + alpha_s w``; the weights become
+    ``(dec w - l1s sign(w)) + u``, ``dec = max(0, 1 - lr l2)`` and
+    ``l1s = lr l1`` (``1`` and ``0`` for biases).  Adam's update is
+    ``u = -a_adam m / (sqrt(v) / d_adam + eps)``: ``a_adam = lr sqrt(c2) / c1``
+    and ``d_adam = 1`` (scikit-learn) or ``lr / c1`` and ``sqrt(c2)`` (PyTorch).
+    The ``gradient`` optimizer writes the gradient to ``s0`` and leaves ``w``.
+    Every scalar arrives in float64 and is rounded to the dtype once.
     """
-    dt = W.dtype.type
-    n_in = W.shape[1]
-    decay = max(0.0, 1.0 - lr * l2)
-    dec = dt(decay)
-    lr_t = dt(lr)
-    l1_t = dt(lr * l1)
+    dt = w.dtype.type
+    n = w.shape[0]
     zero = dt(0.0)
-    for o in range(o0, o1):
-        w = W[o]
-        g = G[o - o0]
-        if l1 != 0.0:
-            for j in range(n_in):
-                wj = w[j]
-                sgn = dt(wj > zero) - dt(wj < zero)
-                w[j] = (wj * dec - l1_t * sgn) - lr_t * g[j]
-        elif decay != 1.0:
-            for j in range(n_in):
-                w[j] = w[j] * dec - lr_t * g[j]
-        else:
-            for j in range(n_in):
-                w[j] = w[j] - lr_t * g[j]
-    n = D.shape[0]
-    for o in range(o0, o1):
-        s = zero
-        for r in range(n):
-            s = s + D[r, o - o0]
-        b[o] = b[o] - lr_t * s
+    lr_t = dt(lr)
+    dec_t = dt(dec)
+    l1_t = dt(l1s)
+    al_t = dt(alpha_s)
+    if opt == _GRAD:
+        for j in range(n):
+            s0[j] = g[j] + al_t * w[j]
+    elif opt == _SGD:
+        for j in range(n):
+            wj = w[j]
+            gj = g[j] + al_t * wj
+            w[j] = (wj * dec_t - l1_t * (dt(wj > zero) - dt(wj < zero))) - lr_t * gj
+    elif opt == _MOM or opt == _NAG:
+        mu_t = dt(mu)
+        # u = v (momentum) or mu v - lr g (Nesterov), as one expression: 1 v - 0 g is exactly v
+        u_mu = mu_t if opt == _NAG else dt(1.0)
+        u_lr = lr_t if opt == _NAG else zero
+        for j in range(n):
+            wj = w[j]
+            gj = g[j] + al_t * wj
+            v = mu_t * s0[j] - lr_t * gj
+            s0[j] = v
+            w[j] = (wj * dec_t - l1_t * (dt(wj > zero) - dt(wj < zero))) + (u_mu * v - u_lr * gj)
+    else:  # adam, adamw
+        b1_t = dt(b1)
+        c1_t = dt(1.0 - b1)
+        b2_t = dt(b2)
+        c2_t = dt(1.0 - b2)
+        na_t = -dt(a_adam)
+        d_t = dt(d_adam)
+        e_t = dt(eps)
+        for j in range(n):
+            wj = w[j]
+            gj = g[j] + al_t * wj
+            m = b1_t * s0[j] + c1_t * gj
+            v = b2_t * s1[j] + c2_t * (gj * gj)
+            s0[j] = m
+            s1[j] = v
+            w[j] = (wj * dec_t - l1_t * (dt(wj > zero) - dt(wj < zero))) + na_t * m / (np.sqrt(v) / d_t + e_t)
+
+
+@register_jitable
+def _col_sums(D, out):
+    """``out = D.sum(0)``, row by row."""
+    w = D.shape[1]
+    for j in range(w):
+        out[j] = 0.0
+    for r in range(D.shape[0]):
+        d = D[r]
+        for j in range(w):
+            out[j] = out[j] + d[j]
 
 
 # -------------------------------------------------------------------- parameters
@@ -431,9 +600,12 @@ class LazyKernel:
     def __repr__(self) -> str:
         return f"LazyKernel({self.__name__!r}, compiled={sorted(self._dispatchers)})"
 
+    def _key(self, dtype, parallel: bool) -> tuple[str, bool]:
+        return np.dtype(dtype).name, bool(parallel and self.parallel and config.PARALLEL)
+
     def __getitem__(self, key):
         dtype, parallel = key if isinstance(key, tuple) else (key, False)
-        k = (np.dtype(dtype).name, bool(parallel and self.parallel and config.PARALLEL))
+        k = self._key(dtype, parallel)
         disp = self._dispatchers.get(k)
         if disp is None:
             with self._lock:
@@ -445,7 +617,7 @@ class LazyKernel:
 
     def is_compiled(self, dtype, parallel: bool = False) -> bool:
         """Whether ``self[dtype, parallel]`` is ready (compiled or loaded) in this process."""
-        return (np.dtype(dtype).name, bool(parallel and self.parallel and config.PARALLEL)) in self._dispatchers
+        return self._key(dtype, parallel) in self._dispatchers
 
     def _compile(self, dtype_name: str, parallel: bool):
         opts = config.jit_options(parallel=parallel)
@@ -479,6 +651,7 @@ _I64_RO = types.Array(types.int64, 1, "C", readonly=True)
 _F64_RO = types.Array(types.float64, 1, "C", readonly=True)
 _i64 = types.int64
 _f64 = types.float64
+_bool = types.boolean
 
 
 @_kernel(lambda T: types.void(_a2(T, True), _a2(T, True), _a1(T, True), _i64, _a2(T)))
@@ -502,17 +675,22 @@ def forward(A, W, b, act, out):
     _bias_act_rows(out, b, act, 0, n)
 
 
-@_kernel(lambda T: types.Tuple((_f64, _i64))(_a2(T, True), _I64_RO, _i64, _i64, _a2(T)))
-def output_delta(A, y, output, loss, out):
-    """Output delta ``out (n_samples, n_classes)`` from activations ``A`` and labels ``y (n_samples,)``.
+@_kernel(lambda T: types.Tuple((_f64, _i64))(_a2(T, True), _I64_RO, _a2(T, True), _bool, _i64, _i64, _a2(T)))
+def output_delta(A, Yl, Yd, dense, output, loss, out):
+    """Output delta ``out (n_samples, k)`` of activations ``A``, unweighted (``c_i = 1/n``).
 
-    Returns ``(loss_sum, n_correct)``.
+    The targets are the labels ``Yl (n_samples,)`` or, when ``dense``, the rows
+    of ``Yd (n_samples, k)`` (the other argument is not read).  Returns
+    ``(loss_sum, n_correct)``.
     """
     n = A.shape[0]
-    return _output_delta_rows(A, y, output, loss, out, 0, n, n)
+    T = np.empty(A.shape, A.dtype)
+    for r in range(n):
+        _target_row(Yl, Yd, dense, r, T[r])
+    return _output_rows(A, T, output, loss, dense and output == _SIG, np.empty(0), False, np.float64(n), out, 0, n)
 
 
-@_kernel(lambda T: types.void(_a2(T, True), _a2(T, True), _a2(T, True), _i64, _a2(T, True), types.boolean, _a2(T)))
+@_kernel(lambda T: types.void(_a2(T, True), _a2(T, True), _a2(T, True), _i64, _a2(T, True), _bool, _a2(T)))
 def hidden_delta(D_next, W_next, A, act, mask, use_mask, out):
     """``out = (D_next @ W_next) * mask * act'(A)``.
 
@@ -545,7 +723,11 @@ def inplace_update(W, b, D, A, lr, l2, l1):
     """
     G = np.empty(W.shape, W.dtype)
     np.dot(D.T, A, G)
-    _update_rows(W, b, G, D, lr, l2, l1, 0, W.shape[0])
+    gb = np.empty(b.shape[0], b.dtype)
+    _col_sums(D, gb)
+    w = W.reshape(W.size)
+    _opt_step(w, G.reshape(G.size), w, w, _SGD, lr, max(0.0, 1.0 - lr * l2), lr * l1, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    _opt_step(b, gb, b, b, _SGD, lr, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 @_kernel(lambda T: types.void(types.uint64, _i64, _i64, _i64, _f64, _a2(T)))
@@ -577,78 +759,132 @@ def forward_network(X, theta, sizes, hidden_act, output_act, out):
 
 
 def _train_epoch_sig(T):
-    A, I, F = _a2(T, True), _I64_RO, _F64_RO
-    args = (A, I, I, _a1(T), I, F, _i64, _i64, _i64, _i64, _f64, _f64, I, F, types.uint64, _i64, _i64)
-    return types.Tuple((_f64, _i64))(*args)
+    I, F = _I64_RO, _F64_RO
+    args = (
+        _a2(T, True), I, _a2(T, True), _bool, F, _bool,  # X, Yl, Yd, dense, sw, weighted
+        I, _a1(T), _a2(T), I, F,  # order, theta, S, sizes, lrs
+        _i64, _i64, _i64, _i64,  # hidden_act, output_act, loss, batch_size
+        _f64, _f64, _f64, I, F,  # l2, l1, alpha, thresholds, scales
+        _i64, _f64, _f64, _f64, _f64, _i64,  # opt, momentum, beta1, beta2, eps, eps_mode
+        types.uint64, _i64, _i64, _i64,  # seed, step0, t0, n_chunks
+    )  # fmt: skip
+    return types.Tuple((_f64, _f64, _i64))(*args)
 
 
 @_kernel(_train_epoch_sig, parallel=True)
 def train_epoch(
-    X, y, order, theta, sizes, lrs, hidden_act, output_act, loss, batch_size, l2, l1, thresholds, scales, seed, step0,
-    n_chunks,
+    X, Yl, Yd, dense, sw, weighted, order, theta, S, sizes, lrs, hidden_act, output_act, loss, batch_size, l2, l1,
+    alpha, thresholds, scales, opt, momentum, beta1, beta2, eps, eps_mode, seed, step0, t0, n_chunks,
 ):  # fmt: skip
-    """One epoch of minibatch SGD on the flat parameters ``theta``, in place.
+    """One training epoch on the flat parameters ``theta`` and optimizer state ``S``, in place.
 
     Parameters
     ----------
     X : ndarray (n_samples, n_in)
-    y : ndarray of int64 (n_samples,)
+    Yl : ndarray of int64 (n_samples,)
+        Class labels (read unless ``dense``).
+    Yd : ndarray (n_samples, n_out)
+        Dense targets (read when ``dense``).
+    dense : bool
+    sw : ndarray of float64 (n_samples,)
+        Sample weights (read when ``weighted``).
+    weighted : bool
     order : ndarray of int64 (n_used,)
         Rows in visiting order; step ``i`` takes ``order[i*bs:(i+1)*bs]``.
     theta : ndarray (n_params,)
         ``W_0, b_0, W_1, b_1, ...``; updated in place.
+    S : ndarray (max(1, n_slots), n_params)
+        The optimizer's state slots, each laid out as ``theta``; updated in
+        place (for ``gradient``: slot 0 receives the last step's gradient).
     sizes : ndarray of int64 (n_layers + 1,)
     lrs : ndarray of float64 (n_steps,)
     hidden_act, output_act, loss : int
     batch_size : int
-    l2, l1 : float
+    l2, l1, alpha : float
     thresholds : ndarray of int64 (n_layers,)
         24-bit keep thresholds of each layer input; ``2**24`` means no dropout.
     scales : ndarray of float64 (n_layers,)
         Multiplier of kept units.
+    opt : int
+        Optimizer code.
+    momentum, beta1, beta2, eps : float
+    eps_mode : int
     seed : uint64
     step0 : int
         Global step number of the first minibatch (for the masks).
+    t0 : int
+        The optimizer's step count before the epoch (Adam's ``t - 1`` of the first step).
     n_chunks : int
         Each minibatch is split into ``n_chunks`` row blocks for the forward
         and delta passes and each ``W`` into ``n_chunks`` row blocks for the
-        update, run in parallel (``prange``) when compiled parallel.
+        update, run in parallel (``prange``) when compiled parallel.  The
+        result depends on ``n_chunks``, never on the thread count.
 
     Returns
     -------
     loss_sum : float
         Data loss summed over the epoch, measured before each update.
+    penalty_sum : float
+        The ``alpha`` penalty summed over the epoch, from the weights before each step.
     n_correct : int
     """
     dt = X.dtype
     Ws, bs_ = _unpack(theta, sizes)
     L = len(Ws)
+    k = sizes[L]
     n = order.shape[0]
     bsz = min(batch_size, n)
     n_steps = (n + batch_size - 1) // batch_size
+    last = S.shape[0] - 1  # Adam's second moments (the only slot of a one-slot optimizer: unused then)
     # buffers, allocated once per epoch at the full batch size
     acts = [np.empty((bsz, sizes[i]), dt) for i in range(L + 1)]  # raw activations; acts[0] = gathered X
     drop = [thresholds[i] < _FULL for i in range(L)]
     masks = [np.empty((bsz if drop[i] else 0, sizes[i]), dt) for i in range(L)]
     ins = [np.empty((bsz if drop[i] else 0, sizes[i]), dt) for i in range(L)]  # dropped-out layer inputs
     deltas = [np.empty((bsz, sizes[i + 1]), dt) for i in range(L)]
-    grads = [np.empty((sizes[i + 1], sizes[i]), dt) for i in range(L)]
+    T = np.empty((bsz, k), dt)  # the minibatch's target rows
+    wts = np.empty(bsz if weighted else 0)  # and their weights
+    grad = np.empty(theta.shape[0], dt)  # the gradient, laid out as theta
+    woff = np.empty(L, np.int64)  # offset of W_l in theta; b_l follows it
     max_out = 0
+    off = 0
     for i in range(L):
+        woff[i] = off
+        off += sizes[i + 1] * sizes[i] + sizes[i + 1]
         max_out = max(max_out, sizes[i + 1])
     # per chunk: a contiguous copy of its column block of a delta, so that the
     # gradient block D[:, o0:o1].T @ A goes to BLAS as a plain transposed matrix
     dblk = np.empty((n_chunks, bsz * ((max_out + n_chunks - 1) // n_chunks)), dt)
-    ybuf = np.empty(bsz, np.int64)
     part_loss = np.zeros(n_chunks)
     part_corr = np.zeros(n_chunks, np.int64)
+    part_sq = np.zeros(n_chunks)
+    subset = dense and output_act == _SIG
     loss_sum = 0.0
+    pen_sum = 0.0
     n_correct = 0
     for step in range(n_steps):
         start = step * batch_size
         nb = min(batch_size, n - start)
         lr = lrs[step]
         gstep = step0 + step
+        s = np.float64(nb)
+        if weighted:
+            s = 0.0
+            for r in range(nb):
+                s = s + sw[order[start + r]]
+        # the step's scalars, in float64 as the reference computes them
+        t = t0 + step + 1
+        c1 = 1.0 - math.pow(beta1, t)
+        c2 = 1.0 - math.pow(beta2, t)
+        if eps_mode == _TORCH:
+            a_adam = lr / c1
+            d_adam = math.sqrt(c2)
+        else:
+            a_adam = lr * math.sqrt(c2) / c1
+            d_adam = 1.0
+        dec = max(0.0, 1.0 - lr * l2)
+        l1s = lr * l1
+        alpha_s = alpha / s
         # ---- phase 1: row blocks; gather, forward, output delta and every
         # hidden delta (all with the not-yet-updated weights, as the reference)
         for c in prange(n_chunks):
@@ -657,11 +893,12 @@ def train_epoch(
             part_loss[c] = 0.0
             part_corr[c] = 0
             if r1 > r0:
-                A0 = acts[0]
                 for r in range(r0, r1):
                     src = order[start + r]
-                    A0[r, :] = X[src, :]
-                    ybuf[r] = y[src]
+                    _copy_row(X[src], acts[0][r])
+                    _target_row(Yl, Yd, dense, src, T[r])
+                    if weighted:
+                        wts[r] = sw[src]
                 for i in range(L):
                     if drop[i]:
                         key = _mask_key(seed, gstep, i)
@@ -672,7 +909,7 @@ def train_epoch(
                     Z = acts[i + 1][r0:r1]
                     np.dot(A_in, Ws[i].T, Z)
                     _bias_act_rows(Z, bs_[i], output_act if i == L - 1 else hidden_act, 0, r1 - r0)
-                ls, nc = _output_delta_rows(acts[L], ybuf, output_act, loss, deltas[L - 1], r0, r1, nb)
+                ls, nc = _output_rows(acts[L], T, output_act, loss, subset, wts, weighted, s, deltas[L - 1], r0, r1)
                 part_loss[c] = ls
                 part_corr[c] = nc
                 for i in range(L - 1, 0, -1):
@@ -681,12 +918,17 @@ def train_epoch(
                     if drop[i]:
                         _mul_rows(deltas[i - 1], masks[i], r0, r1)
                     _deriv_rows(acts[i], deltas[i - 1], hidden_act, r0, r1)
+        ls = 0.0
         for c in range(n_chunks):
-            loss_sum = loss_sum + part_loss[c]
+            ls = ls + part_loss[c]
             n_correct = n_correct + part_corr[c]
-        # ---- phase 2: row blocks of every W; gradient gemm and update
+        loss_sum = loss_sum + (nb * ls / s if weighted else ls)
+        # ---- phase 2: row blocks of every W (and the matching biases): gradient gemm, then one fused pass of
+        # the optimizer over the block of theta, the state slots and the gradient
         for c in prange(n_chunks):
+            sq = 0.0
             for i in range(L):
+                n_in = sizes[i]
                 n_out = sizes[i + 1]
                 o0 = (c * n_out) // n_chunks
                 o1 = ((c + 1) * n_out) // n_chunks
@@ -698,7 +940,22 @@ def train_epoch(
                         for j in range(w):
                             Dc[r, j] = D[r, o0 + j]
                     A_in = ins[i][:nb] if drop[i] else acts[i][:nb]
-                    Gc = grads[i][o0:o1]
-                    np.dot(Dc.T, A_in, Gc)
-                    _update_rows(Ws[i], bs_[i], Gc, Dc, lr, l2, l1, o0, o1)
-    return loss_sum, n_correct
+                    p0 = woff[i] + o0 * n_in
+                    p1 = p0 + w * n_in
+                    np.dot(Dc.T, A_in, grad[p0:p1].reshape((w, n_in)))
+                    if alpha != 0.0:
+                        sq = sq + _sumsq(theta[p0:p1])
+                    _opt_step(theta[p0:p1], grad[p0:p1], S[0, p0:p1], S[last, p0:p1], opt, lr, dec, l1s, alpha_s,
+                              momentum, beta1, beta2, a_adam, d_adam, eps)  # fmt: skip
+                    q0 = woff[i] + n_out * n_in + o0
+                    q1 = q0 + w
+                    _col_sums(Dc, grad[q0:q1])
+                    _opt_step(theta[q0:q1], grad[q0:q1], S[0, q0:q1], S[last, q0:q1], opt, lr, 1.0, 0.0, 0.0,
+                              momentum, beta1, beta2, a_adam, d_adam, eps)  # fmt: skip
+            part_sq[c] = sq
+        if alpha != 0.0:
+            sq = 0.0
+            for c in range(n_chunks):
+                sq = sq + part_sq[c]
+            pen_sum = pen_sum + nb * (0.5 * alpha * sq / s)
+    return loss_sum, pen_sum, n_correct
