@@ -27,7 +27,7 @@ how many threads run them; up to ``min(n_blocks, thread_budget())`` OpenMP
 threads take the blocks in turn (``$FASTMLP_NUM_THREADS`` and
 ``fastmlp._threads.thread_limit`` lower the budget), and a
 :class:`~fastmlp._threads.ThreadChoice` times one thread against several and
-keeps the faster.  While an epoch may run on several threads, the BLAS
+keeps the faster.  While an epoch is cut into several blocks, the BLAS
 libraries are held on one thread (``blas_pinned``) and restored afterwards.
 
 The raw kernels take validated, C-contiguous arrays of one float dtype and
@@ -248,16 +248,19 @@ def train_epoch(
     """One epoch in one compiled call without the GIL (semantics of ``reference.train_epoch``).
 
     Updates ``weights``, ``biases`` and ``state`` in place and returns ``(loss_sum, penalty_sum,
-    n_correct)``; see :mod:`fastmlp.backends.contract`.  When more than one thread may run, the BLAS
-    is pinned to one thread for the epoch (whichever count the choice then takes, so that both are
-    timed alike) and the epoch's time is recorded for the choice.
+    n_correct)``; see :mod:`fastmlp.backends.contract`.  When the shape cuts minibatches into blocks
+    (a network small enough that BLAS threads would not pay on its products anyway), the BLAS is held
+    on one thread for the epoch, whichever thread count then runs, so that one and several threads are
+    timed alike; with more than one thread allowed, the epoch's time is recorded for the choice.
     """
     n_threads, n_blocks, key = _threads_for(plan, order.shape[0])
-    if key is None:
-        return _run(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight, 1, n_blocks)
+    if n_blocks < 2:
+        return _run(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight, 1, 1)
     with _threads.blas_pinned() as pinned:
         if not pinned and not SIMD_GEMM:  # a BLAS we cannot find cannot be kept off our threads: stay on one
             n_threads = 1
+        if key is None:  # one thread may run: nothing to choose or time
+            return _run(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight, 1, n_blocks)
         t0 = time.perf_counter()
         res = _run(X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight, n_threads, n_blocks)
         _choice.record(key, n_threads, time.perf_counter() - t0, order.shape[0])

@@ -329,25 +329,33 @@ cdef inline double _xlogy(double x, double y) noexcept nogil:
     return 0.0 if x == 0.0 else x * log(y)
 
 
-cdef void _output_delta_rows(floating* A, int64_t* y, floating* Yd, int64_t* idx, double* sw, double s,
+cdef inline void _mse_chain(floating* o, floating* a, Py_ssize_t k, int output) noexcept nogil:
+    """``o <- o * act'(a)`` for the notebook's MSE: the sigmoid's ``a (1 - a)``, the softmax's Jacobian
+    ``a * (g - sum(g * a))``, nothing for the identity."""
+    cdef Py_ssize_t j
+    cdef floating sm
+    if output == ACT_SIGMOID:
+        for j in range(k):
+            o[j] = o[j] * (a[j] * (1 - a[j]))
+    elif output == ACT_SOFTMAX:
+        sm = 0
+        for j in range(k):
+            sm = sm + o[j] * a[j]
+        for j in range(k):
+            o[j] = a[j] * (o[j] - sm)
+
+
+cdef void _target_rows(floating* A, int64_t* y, floating* Yd, int64_t* idx, double* sw, double s,
                              int output, int loss, floating* out, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k,
                              Py_ssize_t n, double* loss_sum, int64_t* n_correct) noexcept nogil:
-    """Delta ``out`` of rows ``[r0, r1)`` of the output activations ``A (n, k)`` of a minibatch of ``n`` rows.
-
-    Row ``r``'s target is that of sample ``i = idx[r]`` (``i = r`` when ``idx`` is NULL): the dense row
-    ``Yd[i]`` when ``Yd`` is not NULL, else the label ``y[i]`` (one-hot for ``k >= 2``, the label itself
-    for one unit).  ``sw`` (NULL: unweighted) holds the sample weights and ``s`` their minibatch sum;
-    unweighted the scaled difference is divided by ``n``, weighted it is multiplied by ``w_i / s``
-    (taken in float64, then rounded to the dtype), as the reference does.  Adds the rows' data loss
-    (float64; weighted: ``n sum w_i l_i / s``) to ``loss_sum`` and their hits to ``n_correct``.
-    A label row's target is written into its ``out`` row first and then overwritten by the delta.
-    """
+    """:func:`_output_delta_rows` for any target: a dense row, or a label written into the row of ``out``
+    first (then overwritten by the delta)."""
     cdef Py_ssize_t r, j, best, tbest, i
     cdef int64_t lab = 0
     cdef floating* a
     cdef floating* o
     cdef floating* t
-    cdef floating d, cw, sm, eps_, hi, fn = <floating>n
+    cdef floating d, cw, eps_, hi, fn = <floating>n
     cdef double ls = 0.0, li, p, tj
     cdef int64_t hits = 0
     cdef bint ok
@@ -443,21 +451,107 @@ cdef void _output_delta_rows(floating* A, int64_t* y, floating* Yd, int64_t* idx
                     d = 2 * d
                 o[j] = d * cw
         if loss == LOSS_MSE:
-            if output == ACT_SIGMOID:
-                for j in range(k):
-                    o[j] = o[j] * (a[j] * (1 - a[j]))
-            elif output == ACT_SOFTMAX:
-                # softmax Jacobian applied to g: a * (g - sum(g * a))
-                sm = 0
-                for j in range(k):
-                    sm = sm + o[j] * a[j]
-                for j in range(k):
-                    o[j] = a[j] * (o[j] - sm)
+            _mse_chain(o, a, k, output)
     if sw != NULL:
         loss_sum[0] += (<double>n * ls) / s
     else:
         loss_sum[0] += ls
     n_correct[0] += hits
+
+
+cdef void _label_rows(floating* A, int64_t* y, int64_t* idx, double* sw, double s, int output, int loss,
+                      floating* out, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k, Py_ssize_t n, double* loss_sum,
+                      int64_t* n_correct) noexcept nogil:
+    """:func:`_output_delta_rows` for labels and ``k >= 2`` units (one-hot targets, never materialised):
+    the same numbers as :func:`_target_rows` on the one-hot rows (its terms of a zero target are exact
+    zeros), with one log per row for the softmax's cross-entropy."""
+    cdef Py_ssize_t r, j, best, i
+    cdef int64_t lab
+    cdef floating* a
+    cdef floating* o
+    cdef floating d, cw, eps_, hi, fn = <floating>n
+    cdef double ls = 0.0, li, p
+    cdef int64_t hits = 0
+    if floating is float:
+        eps_ = FLT_EPSILON
+    else:
+        eps_ = DBL_EPSILON
+    hi = 1 - eps_
+    for r in range(r0, r1):
+        i = idx[r] if idx != NULL else r
+        a = A + r * k
+        o = out + r * k
+        lab = y[i]
+        best = 0
+        for j in range(1, k):
+            if a[j] > a[best]:
+                best = j
+        if best == lab:
+            hits += 1
+        li = 0.0
+        if loss == LOSS_CE:
+            if output == ACT_SOFTMAX:
+                if 0 <= lab < k:
+                    d = a[lab]
+                    d = eps_ if d < eps_ else (hi if d > hi else d)
+                    li = -log(<double>d)
+            else:
+                for j in range(k):
+                    d = a[j]
+                    d = eps_ if d < eps_ else (hi if d > hi else d)
+                    p = <double>d
+                    li -= log(p) if j == lab else log(1.0 - p)
+        elif loss == LOSS_POISSON:
+            for j in range(k):
+                p = <double>a[j]
+                li += (log(1.0 / p) - 1.0 + p) if j == lab else p
+        else:
+            for j in range(k):
+                p = <double>a[j] - 1.0 if j == lab else <double>a[j]
+                li += p * p
+            li = li / <double>k
+            if loss == LOSS_SQE:
+                li = 0.5 * li
+        if sw != NULL:
+            ls += sw[i] * li
+            cw = <floating>(sw[i] / s)
+            for j in range(k):
+                d = a[j] - 1 if j == lab else a[j]
+                if loss == LOSS_MSE:
+                    d = 2 * d
+                o[j] = d * cw
+        else:
+            ls += li
+            for j in range(k):
+                d = a[j] - 1 if j == lab else a[j]
+                if loss == LOSS_MSE:
+                    d = 2 * d
+                o[j] = d / fn
+        if loss == LOSS_MSE:
+            _mse_chain(o, a, k, output)
+    if sw != NULL:
+        loss_sum[0] += (<double>n * ls) / s
+    else:
+        loss_sum[0] += ls
+    n_correct[0] += hits
+
+
+cdef void _output_delta_rows(floating* A, int64_t* y, floating* Yd, int64_t* idx, double* sw, double s,
+                             int output, int loss, floating* out, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k,
+                             Py_ssize_t n, double* loss_sum, int64_t* n_correct) noexcept nogil:
+    """Delta ``out`` of rows ``[r0, r1)`` of the output activations ``A (n, k)`` of a minibatch of ``n`` rows.
+
+    Row ``r``'s target is that of sample ``i = idx[r]`` (``i = r`` when ``idx`` is NULL): the dense row
+    ``Yd[i]`` when ``Yd`` is not NULL, else the label ``y[i]`` (one-hot for ``k >= 2``, the label itself
+    for one unit).  ``sw`` (NULL: unweighted) holds the sample weights and ``s`` their minibatch sum;
+    unweighted the scaled difference is divided by ``n``, weighted it is multiplied by ``w_i / s``
+    (taken in float64, then rounded to the dtype), as the reference does.  Adds the rows' data loss
+    (float64; weighted: ``n sum w_i l_i / s``) to ``loss_sum`` and their hits to ``n_correct``.
+    """
+    if Yd == NULL and k >= 2:
+        _label_rows(A, y, idx, sw, s, output, loss, out, r0, r1, k, n, loss_sum, n_correct)
+    else:
+        _target_rows(A, y, Yd, idx, sw, s, output, loss, out, r0, r1, k, n, loss_sum, n_correct)
 
 
 # --------------------------------------------------------------- update
