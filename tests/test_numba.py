@@ -402,6 +402,44 @@ def test_thread_choice_is_measured_and_capped(monkeypatch):
     assert rec.n_threads == [1]
 
 
+@needs_two_threads
+def test_concurrent_parallel_epochs_from_python_threads(monkeypatch):
+    """Parallel epochs launched from several Python threads at once (a threaded grid search) each give the
+    bits of a lone epoch, and the last one out restores the BLAS."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(_threads, "thread_budget", lambda: 2)
+    monkeypatch.setattr(NB, "_choice", _FixedChoice(2))
+    sizes, batch = TWO_BLOCKS
+    case = _Case("float64", sizes, 250, 250, batch, seed=4, hidden="tanh", output="softmax", loss="ce", keep=[0.8, 0.5],
+                 optimizer="adam", lr=1e-3)  # fmt: skip
+
+    def run(_=None):
+        W, b, st = case.fresh()
+        r = NBE.train_epoch(case.X, case.Y, case.order, (W, b), st, case.lrs, case.plan, 0)
+        return W, b, st, tuple(r)
+
+    want = run()
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(run, range(6)))
+    for g in got:
+        _assert_same_bits(g, want)
+    assert not _threads.pinned()
+
+
+def test_parallel_launches_serialized_only_on_workqueue(monkeypatch):
+    monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
+    assert NB._serialize_parallel_calls()
+    monkeypatch.setattr(numba, "threading_layer", lambda: "omp")
+    assert not NB._serialize_parallel_calls()
+
+    def not_yet():
+        raise ValueError("Threading layer is not initialized.")
+
+    monkeypatch.setattr(numba, "threading_layer", not_yet)
+    assert NB._serialize_parallel_calls()
+
+
 def test_fit_context_pins_blas_only_for_split_epochs(monkeypatch):
     monkeypatch.setattr(config, "PARALLEL", True)
     monkeypatch.setattr(_threads, "thread_budget", lambda: 2)

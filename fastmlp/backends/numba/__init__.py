@@ -54,6 +54,8 @@ __all__ = [
 
 _kernels = None
 _load_lock = threading.Lock()
+#: held around parallel launches where the threading layer cannot take concurrent ones (workqueue)
+_launch_lock = threading.Lock()
 #: measured thread choice of train_epoch (see fastmlp._threads)
 _choice = _threads.ThreadChoice()
 #: stand-ins for the arguments a call does not read (labels with dense targets, weights when unweighted)
@@ -220,11 +222,24 @@ def fit_context(sizes: list[int], batch_size: int) -> AbstractContextManager[boo
     return nullcontext(False)
 
 
+def _serialize_parallel_calls() -> bool:
+    """Whether parallel kernels must not run concurrently: Numba's ``workqueue`` threading layer (the one it
+    falls back to without OpenMP or TBB) aborts the process on concurrent launches; unknown before the first
+    launch, so that one is serialized too."""
+    try:
+        return numba.threading_layer() == "workqueue"
+    except ValueError:  # no parallel kernel launched yet
+        return True
+
+
 def _on_threads(kern, args: tuple, n_threads: int):
-    """``kern(*args)`` with Numba's pool of this thread set to ``n_threads``, restored after."""
+    """``kern(*args)`` (a parallel kernel) with Numba's pool of this thread set to ``n_threads``, restored after."""
     old = numba.get_num_threads()
     numba.set_num_threads(n_threads)
     try:
+        if _serialize_parallel_calls():
+            with _launch_lock:
+                return kern(*args)
         return kern(*args)
     finally:
         numba.set_num_threads(old)

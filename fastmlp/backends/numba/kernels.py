@@ -855,9 +855,11 @@ def train_epoch(
     # per chunk: a contiguous copy of its column block of a delta, so that the
     # gradient block D[:, o0:o1].T @ A goes to BLAS as a plain transposed matrix
     dblk = np.empty((n_chunks, bsz * ((max_out + n_chunks - 1) // n_chunks)), dt)
-    part_loss = np.zeros(n_chunks)
-    part_corr = np.zeros(n_chunks, np.int64)
-    part_sq = np.zeros(n_chunks)
+    # per-block partial sums; every entry is written before it is read (np.empty: in the parallel variant
+    # np.zeros would become one more parallel loop to compile and launch)
+    part_loss = np.empty(n_chunks)
+    part_corr = np.empty(n_chunks, np.int64)
+    part_sq = np.empty(n_chunks)
     subset = dense and output_act == _SIG
     loss_sum = 0.0
     pen_sum = 0.0
