@@ -15,13 +15,18 @@ backend's compiled epoch (one :class:`~fastmlp.backends.contract.EpochPlan`,
 the data validated once per call) instead of a Python loop over minibatches.
 
 Set ``fastmlp.compat.backend = "numpy"`` (or ``FASTMLP_BACKEND``) to choose
-the backend; ``minibatch_size`` is read at call time as in the notebook.
+the backend.  :func:`train` reads ``minibatch_size`` at call time where the
+notebook's own ``train`` would find it: a global ``minibatch_size`` of the
+module that calls it (the notebook's ``minibatch_size = 100`` cell) first,
+then ``fastmlp.compat.minibatch_size``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -230,6 +235,15 @@ def _mse_and_acc(
     return mse / n_batches, correct / idx.shape[0]
 
 
+def _minibatch_size(caller_globals: dict[str, Any]) -> int:
+    """The notebook's ``minibatch_size``: the caller's global first, then this module's."""
+    if "minibatch_size" in caller_globals and caller_globals is not globals():
+        value, where = caller_globals["minibatch_size"], "minibatch_size (a global of the calling module)"
+    else:
+        value, where = minibatch_size, "fastmlp.compat.minibatch_size"
+    return V.check_int(value, where, minimum=1)  # type: ignore[return-value]
+
+
 def train(
     model: NeuralNetMLP,
     X_train: np.ndarray,
@@ -241,6 +255,20 @@ def train(
 ) -> tuple[list[float], list[float], list[float]]:
     """The notebook's training loop: minibatch SGD, one printed line per epoch.
 
+    The minibatch size is the notebook's global ``minibatch_size``: the calling
+    module's (for a notebook, its own ``minibatch_size = ...`` cell) when it has
+    one, else ``fastmlp.compat.minibatch_size`` (100).
+
+    Parameters
+    ----------
+    model : NeuralNetMLP
+    X_train : array-like (n_train, num_features)
+    y_train : array-like of int (n_train,)
+    X_valid : array-like (n_valid, num_features)
+    y_valid : array-like of int (n_valid,)
+    num_epochs : int
+    learning_rate : float
+
     Returns
     -------
     epoch_loss, epoch_train_acc, epoch_valid_acc : lists of float
@@ -248,7 +276,7 @@ def train(
     """
     num_epochs = V.check_int(num_epochs, "num_epochs", minimum=0)
     lr = V.check_float(learning_rate, "learning_rate", low=0.0)
-    mbs = V.check_int(minibatch_size, "compat.minibatch_size", minimum=1)
+    mbs = _minibatch_size(sys._getframe(1).f_globals)
     plain = _is_plain(model)
     epoch_loss: list[float] = []
     epoch_train_acc: list[float] = []

@@ -208,3 +208,55 @@ def test_compat_prepares_once_per_train_call_and_uses_the_fit_context(rng, monke
     assert plan.l2 == plan.l1 == plan.alpha == 0.0 and plan.target == "labels" and plan.dtype == "float64"
     assert [len(o) for o in orders] == [200, 200, 200] and all(len(set(o.tolist())) == 200 for o in orders)
     assert fastmlp_backend is be
+
+
+def _caller_module(source: str):
+    """A module of its own (as a notebook's namespace is) whose code calls compat.train."""
+    import types
+
+    mod = types.ModuleType("a_notebook")
+    exec(source, mod.__dict__)
+    return mod
+
+
+def test_train_reads_minibatch_size_from_the_calling_module_first(rng, monkeypatch, notebook_own_labels):
+    """The notebook's train reads the notebook's global minibatch_size: after the one changed import, a
+    `minibatch_size = 10` cell changes the batch size of fastmlp.compat.train too (weights as the notebook's
+    loop at batch 10); without such a global, fastmlp.compat.minibatch_size is used."""
+    X = rng.normal(size=(250, 6))
+    y = rng.integers(0, 3, size=250)
+    monkeypatch.setattr(notebook, "minibatch_size", 10)
+    ref = notebook.NeuralNetMLP(6, 4, 3, random_seed=3)
+    np.random.seed(5)
+    with redirect_stdout(io.StringIO()):
+        notebook.train(ref, X, y, X[:100], y[:100], num_epochs=2, learning_rate=0.1)
+    nb = _caller_module("from fastmlp.compat import NeuralNetMLP, train\n"
+                        "minibatch_size = 10\n"
+                        "def run(X, y):\n"
+                        "    model = NeuralNetMLP(6, 4, 3, random_seed=3)\n"
+                        "    train(model, X, y, X[:100], y[:100], num_epochs=2, learning_rate=0.1)\n"
+                        "    return model\n")  # fmt: skip
+    np.random.seed(5)
+    with redirect_stdout(io.StringIO()):
+        ours = nb.run(X, y)
+    for name in ("weight_h", "bias_h", "weight_out", "bias_out"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=0, atol=1e-12)
+    # the same call at compat's default batch of 100 trains other weights
+    nb100 = _caller_module("from fastmlp.compat import NeuralNetMLP, train\n"
+                           "def run(X, y):\n"
+                           "    model = NeuralNetMLP(6, 4, 3, random_seed=3)\n"
+                           "    train(model, X, y, X[:100], y[:100], num_epochs=2, learning_rate=0.1)\n"
+                           "    return model\n")  # fmt: skip
+    np.random.seed(5)
+    with redirect_stdout(io.StringIO()):
+        default = nb100.run(X, y)
+    assert np.abs(default.weight_h - ref.weight_h).max() > 1e-3
+    # no global in the caller: fastmlp.compat.minibatch_size decides
+    monkeypatch.setattr(compat, "minibatch_size", 10)
+    np.random.seed(5)
+    with redirect_stdout(io.StringIO()):
+        via_module = nb100.run(X, y)
+    np.testing.assert_allclose(via_module.weight_h, ref.weight_h, rtol=0, atol=1e-12)
+    nb.minibatch_size = 0
+    with pytest.raises(ValueError, match=r"minibatch_size \(a global of the calling module\) must be >= 1"):
+        nb.run(X, y)
