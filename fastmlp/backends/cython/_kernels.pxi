@@ -15,7 +15,7 @@
 # those column-major views.
 #
 # Numerics: the variants are compiled with ``-ffast-math`` so that gcc may
-# call glibc's vectorized ``exp``/``tanh`` (libmvec).  The compiler then
+# call glibc's vectorized ``exp`` (libmvec; ``tanh`` is built from it, below).  The compiler then
 # assumes that no NaN or Inf occurs: nothing here tests for them (the Python
 # side checks finiteness), and ``exp`` arguments are clamped so that no Inf
 # can arise in the first place.
@@ -27,7 +27,7 @@ cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from cython cimport floating
 from libc.float cimport DBL_EPSILON, FLT_EPSILON
-from libc.math cimport exp, expf, log, pow, sqrt, sqrtf, tanh, tanhf
+from libc.math cimport copysign, copysignf, exp, expf, fabs, fabsf, log, pow, sqrt, sqrtf
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -237,11 +237,32 @@ cdef inline floating _exp(floating x) noexcept nogil:
         return exp(x)
 
 
+# tanh from the exponential, branch-free so that gcc vectorizes it with the vector ``exp`` (libmvec's own
+# vector tanh needs glibc 2.35; this keeps the wheels at manylinux_2_31): for |x| >= 0.625,
+# tanh|x| = 1 - 2 / (exp(2|x|) + 1), which has no cancellation there; below, where it would, Cephes'
+# odd minimax approximations (tanhf: a degree-11 polynomial; tanh: x + x^3 P(x^2) / Q(x^2)).  |x| is
+# capped at 10 (float) and 20 (double), where tanh has rounded to 1 (from 9.02 and 19.07), so exp never
+# overflows.  Within 2 ulp of the correctly rounded tanh, like libm's (tests/test_cython_tanh.py).
 cdef inline floating _tanh(floating x) noexcept nogil:
+    cdef floating a, s, e, big, small
     if floating is float:
-        return tanhf(x)
+        a = fabsf(x)
+        a = a if a < <float>10.0 else <float>10.0
+        e = expf(a + a)
+        big = copysignf(1 - 2 / (e + 1), x)
+        s = x * x
+        small = x + (((((<float>-5.70498872745e-3) * s + <float>2.06390887954e-2) * s - <float>5.37397155531e-2) * s
+                      + <float>1.33314422036e-1) * s - <float>3.33332819422e-1) * s * x
     else:
-        return tanh(x)
+        a = fabs(x)
+        a = a if a < 20.0 else 20.0
+        e = exp(a + a)
+        big = copysign(1 - 2 / (e + 1), x)
+        s = x * x
+        small = x + x * s * (((-9.64399179425052238628e-1 * s - 9.92877231001918586564e1) * s - 1.61468768441708447952e3)
+                             / (((s + 1.12811678491632931402e2) * s + 2.23548839060100448583e3) * s
+                                + 4.84406305325125486048e3))
+    return small if a < <floating>0.625 else big
 
 
 cdef inline void _bias_act_row(floating* z, floating* b, Py_ssize_t n, int act) noexcept nogil:
