@@ -7,7 +7,7 @@ pure-NumPy reference backend that defines the maths, and
 
 from fastmlp._version import __version__
 from fastmlp.backends import available_backends, get_backend
-from fastmlp.callbacks import Callback, EarlyStopping
+from fastmlp.callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint
 from fastmlp.history import History
 from fastmlp.lr_finder import LRFinderResult, lr_find
 from fastmlp.mc_dropout import MCPrediction
@@ -28,6 +28,7 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "CSVLogger",
     "Callback",
     "Constant",
     "CosineAnnealingLR",
@@ -37,6 +38,7 @@ __all__ = [
     "LRFinderResult",
     "LinearLR",
     "MCPrediction",
+    "ModelCheckpoint",
     "Network",
     "ReduceLROnPlateau",
     "Schedule",

@@ -152,7 +152,13 @@ def as_features(X: object, dtype: np.dtype, name: str = "X", n_features: int | N
             "convert it with np.asarray(X, dtype=float)"
         )
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {arr.shape}; use X.reshape(len(X), -1)")
+        if arr.ndim == 1:
+            fix = f"for one sample use {name}.reshape(1, -1); for one feature, {name}.reshape(-1, 1)"
+        elif arr.ndim == 0:
+            fix = f"pass a (n_samples, n_features) array, e.g. np.array([[{name}]])"
+        else:  # images (n, rows, cols) and the like: one row per sample
+            fix = f"flatten each sample with {name}.reshape(len({name}), -1)"
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {arr.shape}; {fix}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} has no rows: shape {arr.shape}")
     if n_features is not None and arr.shape[1] != n_features:
@@ -175,7 +181,11 @@ def as_labels(y: object, n_samples: int, n_classes: int, name: str = "y") -> np.
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D integer class labels (n_samples,), got shape {arr.shape}")
+        hint = ""
+        if arr.ndim == 2 and arr.size and arr.dtype.kind in "biuf" and np.isin(arr, (0, 1)).all() and \
+                (arr.sum(axis=1) == 1).all():  # fmt: skip
+            hint = f"; these look like one-hot rows: pass the class indices {name}.argmax(1)"
+        raise ValueError(f"{name} must be 1-D integer class labels (n_samples,), got shape {arr.shape}{hint}")
     if arr.shape[0] != n_samples:
         raise ValueError(f"{name} has {arr.shape[0]} labels but X has {n_samples} rows; they must match")
     if arr.dtype.kind == "f":

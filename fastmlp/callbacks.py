@@ -9,7 +9,9 @@ scikit-learn's adaptive learning rate all count bad epochs with it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     from fastmlp.history import History
     from fastmlp.network import Network
 
-__all__ = ["Callback", "EarlyStopping", "Plateau"]
+__all__ = ["CSVLogger", "Callback", "EarlyStopping", "ModelCheckpoint", "Plateau"]
 
 #: metrics of a History that a rule can watch, and whether larger is better
 MONITORS: dict[str, bool] = {
@@ -161,7 +163,8 @@ class EarlyStopping(Callback):
     min_delta : float
         The improvement needed (in the metric's units; scikit-learn's ``tol``).
     monitor : {'valid_loss', 'valid_acc', 'valid_score', 'train_loss', 'train_data_loss', 'train_acc'}
-        Losses are minimized, accuracies and scores maximized.
+        Losses are minimized, accuracies and scores maximized; Keras's names
+        (``'val_loss'``, ``'val_accuracy'``, ``'loss'``, ``'accuracy'``) work too.
     restore_best : bool
         Put the best epoch's weights back at the end of training, whether or
         not it stopped early.
@@ -200,8 +203,7 @@ class EarlyStopping(Callback):
     ) -> None:
         self.patience = V.check_int(patience, "patience", minimum=1 if convention == "keras" else 0)
         self.min_delta = V.check_float(min_delta, "min_delta", low=0.0)
-        if monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {', '.join(map(repr, MONITORS))}, got {monitor!r}")
+        monitor = _monitor(monitor)  # fastmlp's names or Keras's ('val_loss', ...)
         if convention not in ("keras", "sklearn"):
             raise ValueError(f"convention must be 'keras' or 'sklearn', got {convention!r}")
         if on_plateau is not None and not callable(on_plateau):
@@ -279,3 +281,190 @@ class EarlyStopping(Callback):
         self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
         n = int(state.get("n_best", 0))
         self.best_weights = ([arrays[f"W{i}"] for i in range(n)], [arrays[f"b{i}"] for i in range(n)]) if n else None
+
+
+#: Keras's metric names, accepted wherever fastmlp's are (``monitor="val_loss"``)
+KERAS_MONITORS = {"val_loss": "valid_loss", "val_accuracy": "valid_acc", "val_acc": "valid_acc", "val_score": "valid_score",
+                  "loss": "train_loss", "accuracy": "train_acc", "acc": "train_acc"}  # fmt: skip
+
+
+def _monitor(monitor: object) -> str:
+    if isinstance(monitor, str) and monitor in KERAS_MONITORS:
+        return KERAS_MONITORS[monitor]
+    if not isinstance(monitor, str) or monitor not in MONITORS:
+        names = ", ".join(map(repr, [*MONITORS, *KERAS_MONITORS]))
+        raise ValueError(f"monitor must be one of {names}, got {monitor!r}")
+    return monitor
+
+
+class CSVLogger(Callback):
+    """Write the history to a CSV file after every epoch, atomically (Keras's ``CSVLogger``).
+
+    One row per epoch: ``epoch`` then the metrics under Keras's names
+    (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate``,
+    ... as in :attr:`History.history`).  The whole file is rewritten through a
+    temporary file and a rename each epoch, so a reader (or a crash) never sees a
+    half-written row; it gets the umask's permissions.
+
+    Parameters
+    ----------
+    filename : str or path-like
+        The CSV file; its directory must exist.
+    separator : str
+        Field separator (one character).
+    append : bool
+        Keep the rows already in the file (of an earlier fit) and add this fit's
+        after them; by default the file is started afresh.
+
+    Examples
+    --------
+    >>> net.fit(X, y, epochs=10, callbacks=[CSVLogger("training.csv")])  # doctest: +SKIP
+    >>> pandas.read_csv("training.csv")  # doctest: +SKIP
+    """
+
+    def __init__(self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False) -> None:
+        from fastmlp._io import check_output_path
+
+        if not isinstance(separator, str) or len(separator) != 1 or separator in "\r\n\"":
+            raise ValueError(f"separator must be one character other than a quote or a newline, got {separator!r}")
+        self.path = check_output_path(filename, "CSV log")
+        self.separator = separator
+        self.append = bool(append)
+        self._before: list[str] = []
+        self._header: str | None = None
+
+    def __repr__(self) -> str:
+        return f"CSVLogger({str(self.path)!r}, separator={self.separator!r}, append={self.append})"
+
+    def on_train_begin(self, net: Network, history: History) -> None:
+        self._before, self._header = [], None
+        if self.append and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            if lines:
+                self._header, self._before = lines[0], lines[1:]
+
+    def on_epoch_end(self, net: Network, history: History) -> bool:
+        from fastmlp._io import atomic_write
+
+        cols = {"epoch": history.epoch, **history.history}
+        header = self.separator.join(cols)
+        if self._header is not None and self._header != header:
+            raise ValueError(f"CSVLogger(append=True): {self.path} has the columns {self._header!r}, this fit "
+                             f"records {header!r}; log to another file")  # fmt: skip
+        rows = [self.separator.join(_csv_value(v[i]) for v in cols.values()) for i in range(len(history.epoch))]
+        text = "\n".join([header, *self._before, *rows]) + "\n"
+        atomic_write(self.path, lambda fh: fh.write(text.encode()))
+        return False
+
+
+def _csv_value(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+class ModelCheckpoint(Callback):
+    """Save the network after each epoch, or only when a metric improved (Keras's ``ModelCheckpoint``).
+
+    Each save is :meth:`Network.save`: an ``.npz`` written atomically (temporary
+    file, flush, rename), with the umask's permissions; ``load`` reads it back.
+
+    Parameters
+    ----------
+    filepath : str or path-like
+        Where to save; may hold ``{epoch}`` and metric fields in :meth:`str.format`
+        syntax, e.g. ``"model-{epoch:03d}-{valid_loss:.3f}.npz"`` (fastmlp's or
+        Keras's metric names).  ``.npz`` is appended when missing.
+    monitor : str
+        The metric ``save_best_only`` watches: ``'valid_loss'`` (default),
+        ``'valid_acc'``, ``'valid_score'``, ``'train_loss'``, ``'train_acc'``, or
+        Keras's ``'val_loss'``, ``'val_accuracy'``, ``'loss'``, ``'accuracy'``.
+        Losses are minimized, accuracies and scores maximized.
+    save_best_only : bool
+        Save only after an epoch that improved ``monitor`` on the best so far
+        (so the file holds the best epoch's weights); by default every epoch.
+    min_delta : float
+        The improvement needed with ``save_best_only``.
+    verbose : int
+        1: print a line for each save.
+
+    Attributes
+    ----------
+    best : float
+        The best value of ``monitor`` seen.
+    best_epoch : int or None
+    last_saved : pathlib.Path or None
+        The file written last.
+    """
+
+    def __init__(self, filepath: str | os.PathLike[str], monitor: str = "valid_loss", save_best_only: bool = False,
+                 min_delta: float = 0.0, verbose: int = 0) -> None:  # fmt: skip
+        self.filepath = os.fspath(filepath)
+        if not isinstance(self.filepath, str) or not self.filepath:
+            raise ValueError("filepath must be a non-empty path")
+        self.monitor = _monitor(monitor)
+        self.save_best_only = bool(save_best_only)
+        self.min_delta = V.check_float(min_delta, "min_delta", low=0.0)
+        self.verbose = V.check_int(int(verbose) if isinstance(verbose, bool) else verbose, "verbose", minimum=0)
+        self.rule = Plateau("max" if MONITORS[self.monitor] else "min", self.min_delta)
+        self.best_epoch: int | None = None
+        self.last_saved: Path | None = None
+        self._check(self._format(1, {k: 0.0 for k in [*MONITORS, *KERAS_MONITORS]}))
+
+    @property
+    def best(self) -> float:
+        return self.rule.best
+
+    def __repr__(self) -> str:
+        return (f"ModelCheckpoint({self.filepath!r}, monitor={self.monitor!r}, save_best_only={self.save_best_only}, "
+                f"min_delta={self.min_delta})")  # fmt: skip
+
+    def _format(self, epoch: int, values: dict[str, Any]) -> Path:
+        try:
+            name = self.filepath.format(epoch=epoch, **values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"ModelCheckpoint filepath {self.filepath!r}: cannot fill in {exc} (fields: epoch and "
+                             f"the metrics {', '.join([*MONITORS, *KERAS_MONITORS])})") from None  # fmt: skip
+        p = Path(name)
+        return p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
+
+    @staticmethod
+    def _check(path: Path) -> None:
+        from fastmlp._io import check_output_path
+
+        check_output_path(path, "model checkpoint")
+
+    def on_train_begin(self, net: Network, history: History) -> None:
+        if getattr(history, self.monitor) is None and (self.save_best_only or "{" + self.monitor in self.filepath):
+            raise ValueError(f"ModelCheckpoint monitors {self.monitor!r}, which this fit does not record "
+                             "(validation metrics need X_valid/y_valid or validation_split=; accuracy is not defined "
+                             "for regression)")  # fmt: skip
+        self.rule.reset()
+        self.best_epoch = None
+
+    def on_epoch_end(self, net: Network, history: History) -> bool:
+        value = getattr(history, self.monitor)
+        current = None if value is None else value[-1]
+        if self.save_best_only:
+            improved, _ = self.rule.update(current)  # type: ignore[arg-type]
+            if not improved:
+                return False
+            self.best_epoch = history.epoch[-1]
+        values: dict[str, Any] = {k: (None if getattr(history, k) is None else getattr(history, k)[-1]) for k in MONITORS}
+        values.update({keras: values[ours] for keras, ours in KERAS_MONITORS.items()})
+        path = self._format(history.epoch[-1], values)
+        saved = net.save(path)
+        self.last_saved = saved
+        if self.verbose:
+            why = f"{self.monitor} improved to {current:.5g}, " if self.save_best_only else ""
+            print(f"Epoch {history.epoch[-1]}: {why}model saved to {saved}", flush=True)
+        return False
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"rule": self.rule.state_dict(), "best_epoch": self.best_epoch}, {}
+
+    def load_state_dict(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.rule.load_state_dict(state["rule"])
+        self.best_epoch = state["best_epoch"]

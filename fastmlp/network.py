@@ -478,6 +478,59 @@ class Network:
                 total += l1 * float(np.abs(W).sum())
         return total
 
+    # ------------------------------------------------------------------ summary
+    def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
+        """Print a table of the layers, as Keras's ``model.summary()``: shapes, parameters, activation, dropout.
+
+        One row per dense layer: its input and output widths, the shapes of ``W``
+        ``(n_out, n_in)`` and ``b`` ``(n_out,)``, its parameter count, its
+        activation and the drop probability of its *input* during training (the
+        rates of the last :meth:`fit`; ``-`` before any), then the totals, the
+        loss, the dtype and the backend.
+
+        Parameters
+        ----------
+        print_fn : callable, optional
+            Called with each line (default: :func:`print`).
+
+        Examples
+        --------
+        >>> Network([784, 50, 10], seed=1, backend="numpy").summary()
+        Network 784-50-10 (loss 'mse', float64, backend 'numpy')
+        layer     in -> out   W (n_out, n_in)   b       parameters   activation   input dropout
+        dense_1   784 -> 50   (50, 784)         (50,)       39,250   sigmoid      -
+        output     50 -> 10   (10, 50)          (10,)          510   sigmoid      -
+        Total parameters: 39,760 (float64, 310.6 KiB); trained 0 epochs
+        """
+        emit = print if print_fn is None else print_fn
+        if not callable(emit):
+            raise TypeError(f"print_fn must be a callable taking one line of text, got {type(print_fn).__name__}")
+        for line in self._summary_lines():
+            emit(line)
+
+    def _summary_lines(self) -> list[str]:
+        L = len(self.weights)
+        rates: list[float | None] = [self.input_dropout_] + [self.dropout_] * (L - 1)
+        rows = []
+        for i, (n_in, n_out) in enumerate(zip(self.layers[:-1], self.layers[1:], strict=True)):
+            rate = rates[i]
+            rows.append(("output" if i == L - 1 else f"dense_{i + 1}", f"{n_in} -> {n_out}", f"({n_out}, {n_in})",
+                         f"({n_out},)", f"{n_in * n_out + n_out:,}", self.output if i == L - 1 else self.activation,
+                         "-" if rate is None else f"{rate:g}"))  # fmt: skip
+        head = ("layer", "in -> out", "W (n_out, n_in)", "b", "parameters", "activation", "input dropout")
+        widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+        right = {1, 4}
+
+        def fmt(r: Sequence[str]) -> str:
+            return "   ".join(v.rjust(w) if c in right and r is not head else v.ljust(w)
+                              for c, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip()  # fmt: skip
+
+        arch = "-".join(str(n) for n in self.layers)
+        kib = self.n_parameters * self.dtype.itemsize / 1024
+        total = f"Total parameters: {self.n_parameters:,} ({self.dtype.name}, {kib:,.1f} KiB); trained {self.epochs_} epochs"
+        head_line = f"Network {arch} (loss {self.loss!r}, {self.dtype.name}, backend {self._backend.name!r})"
+        return [head_line, fmt(head), *(fmt(r) for r in rows), total]
+
     # ------------------------------------------------------------------ training
     def fit(self, X: np.ndarray, y: np.ndarray, **kwargs: Any) -> History:
         """Train with minibatch gradient descent; see :func:`fastmlp.training.fit` for the parameters."""

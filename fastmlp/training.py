@@ -28,15 +28,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastmlp import _validation as V
-from fastmlp.backends.contract import EpochPlan, OptimizerState, plan_epoch
+from fastmlp.backends import reference as _ref
+from fastmlp.backends.contract import ACT_CODES, LOSS_CODES, EpochPlan, EpochStats, OptimizerState, plan_epoch
 from fastmlp.callbacks import Callback, EarlyStopping
 from fastmlp.history import History
 from fastmlp.optimizers import Optimizer, get_optimizer
+from fastmlp.progress import EpochProgress
 
 if TYPE_CHECKING:
     from fastmlp.network import Network
 
 __all__ = ["History", "fit"]
+
+#: inputs whose largest magnitude exceeds this many times the unit scale get a warning (0..255 pixels do)
+UNSCALED_LIMIT = 100.0
+#: the loss is "at chance" when it stays above this fraction of the loss of predicting the target means ...
+CHANCE_RATIO = 0.98
+#: ... for each of this many first epochs of a fit
+CHANCE_EPOCHS = 3
+#: rows the chance-level loss is computed on
+CHANCE_ROWS = 10_000
 
 
 # ------------------------------------------------------------------------------ data
@@ -236,13 +247,16 @@ class _Run:
 
     def __init__(self, net: Network, data: _Data, plan: EpochPlan, lr: Any, orders: Callable[[int], np.ndarray],
                  rng: np.random.Generator, cbs: list[Callback], score: Callable | None, verbose: int,
-                 on_divergence: str, checkpoint: Any, guard: _InterruptGuard) -> None:  # fmt: skip
+                 on_divergence: str, checkpoint: Any, guard: _InterruptGuard, warn: bool = False) -> None:  # fmt: skip
         self.net, self.data, self.plan, self.lr, self.orders, self.rng = net, data, plan, lr, orders, rng
         self.cbs, self.score, self.verbose, self.on_divergence, self.ckpt = cbs, score, verbose, on_divergence, checkpoint
         self.epoch = net.backend.prepare(data.X, data.Y, plan, sample_weight=data.sw)
         self.n_steps = plan.n_steps(data.n)
         self.hist = History.for_fit(data.task, data.Xv is not None)
         self.guard = guard
+        self.progress = EpochProgress(verbose, net.epochs_, self.n_steps)
+        self.chance = _chance_loss(net, data) if warn else None
+        self.at_chance = 0  # first epochs of this fit in a row whose loss stayed at the chance level
 
     def replan(self, **changes: Any) -> None:
         """Change fields of the plan (a resumed run's dropout seed) and prepare the epochs again."""
@@ -275,6 +289,7 @@ class _Run:
                     if self._epoch(e, epochs):
                         break
         except KeyboardInterrupt:
+            self.progress.close()
             self.restore(self.committed)
             hist.interrupted = True
             if self.ckpt is not None and hist.epoch:
@@ -282,6 +297,7 @@ class _Run:
             print(f"\nInterrupted after {len(hist.epoch)} complete epochs; the network keeps the weights of the "
                   "last complete one.", file=sys.stderr, flush=True)  # fmt: skip
         finally:
+            self.progress.close()
             for cb in self.cbs:
                 cb.on_train_end(net, hist)
         return hist
@@ -293,9 +309,11 @@ class _Run:
         order = self.orders(e)
         lrs = _epoch_lrs(self.lr, e, self.n_steps)
         state = net.optimizer_state_
+        self.progress.total = net.epochs_ - e + epochs  # the last epoch number of this fit
+        self.progress.start_epoch(net.epochs_ + 1)
         # overflow on the way to a divergence is detected below and reported once, clearly
         with np.errstate(over="ignore", invalid="ignore"):
-            stats = self.epoch(order, (net.weights, net.biases), state, lrs, net.step_)
+            stats = self._train_steps(order, lrs, state)
         net.step_ += self.n_steps
         data_loss = stats.loss_sum / data.n
         if not (math.isfinite(data_loss) and math.isfinite(stats.penalty_sum) and _finite_params(net)):
@@ -317,8 +335,9 @@ class _Run:
         with self.guard.deferred():  # the commit: a Ctrl-C in here waits for its end
             hist._append(record)
             net.epochs_ += 1
-            if self.verbose:
-                _print_epoch(hist, net.epochs_ - (e + 1) + epochs)
+            self.progress.end_epoch(hist)
+            if self.chance is not None:
+                self._check_chance(e)
             stop = False
             for cb in self.cbs:
                 stop = bool(cb.on_epoch_end(net, hist)) or stop
@@ -331,7 +350,52 @@ class _Run:
             self.committed = self.snapshot()
         return stop
 
+    def _train_steps(self, order: np.ndarray, lrs: np.ndarray, state: OptimizerState) -> EpochStats:
+        """The epoch's steps: one compiled call, or (under a progress bar) a few calls of consecutive steps.
+
+        Chunks train exactly what one call trains (the same rows, rates, dropout steps
+        and optimizer steps in the same order); see :mod:`fastmlp.progress`.
+        """
+        net, p, bs = self.net, self.progress, self.plan.batch_size
+        params = (net.weights, net.biases)
+        if not p.chunked or order.shape[0] != self.data.n:
+            stats = self.epoch(order, params, state, lrs, net.step_)
+            p.update(self.n_steps, order.shape[0], stats.loss_sum, None if self.hist.train_acc is None else stats.n_correct)
+            return stats
+        done, loss, penalty, correct = 0, 0.0, 0.0, 0
+        size = p.first_chunk()
+        while done < self.n_steps:
+            t = time.perf_counter()
+            s = self.epoch(order[done * bs : (done + size) * bs], params, state, lrs[done : done + size], net.step_ + done)
+            p.timed(size, time.perf_counter() - t)
+            done += size
+            loss, penalty, correct = loss + s.loss_sum, penalty + s.penalty_sum, correct + s.n_correct
+            p.update(size, min(done * bs, order.shape[0]), loss, None if self.hist.train_acc is None else correct)
+            if done < self.n_steps and not (math.isfinite(loss) and _finite_params(net)):
+                break  # diverged: the caller restores the last epoch (the next call would refuse these weights)
+            size = p.next_chunk(done)
+        return EpochStats(loss, penalty, correct)
+
+    def _check_chance(self, e: int) -> None:
+        """Warn once when the first epochs of this fit all kept the loss at the chance level."""
+        if e >= CHANCE_EPOCHS or self.at_chance < 0:
+            return
+        chance = self.chance
+        if self.hist.train_data_loss[-1] < CHANCE_RATIO * chance:  # type: ignore[operator]
+            self.at_chance = -1  # learning: never warn in this fit
+            return
+        self.at_chance += 1
+        if self.at_chance == CHANCE_EPOCHS:
+            X = self.data.X
+            hi = float(max(X.max(), -X.min()))
+            warnings.warn(f"the training loss has not fallen below the chance level in the first {CHANCE_EPOCHS} epochs "
+                          f"({self.hist.train_data_loss[-1]:.4g}; predicting the class frequencies gives {chance:.4g}): "
+                          f"the network is not learning. Check the input scale (X reaches {hi:g}; scale it to about 1), "
+                          f"the learning rate (try fastmlp.lr_find) and the output/loss pairing ({self.net.output}/"
+                          f"{self.net.loss}); warn=False silences this", UserWarning, stacklevel=6)  # fmt: skip
+
     def _diverged(self, lrs: np.ndarray) -> bool:
+        self.progress.close()
         self.restore(self.committed)
         self.hist.diverged = True
         msg = (f"training diverged in epoch {self.net.epochs_ + 1} (non-finite loss or weights); the weights of the "
@@ -355,20 +419,30 @@ def _finite_params(net: Network) -> bool:
     )
 
 
-def _print_epoch(hist: History, total: int) -> None:
-    e = hist.epoch[-1]
-    width = max(3, len(str(total)))
-    line = f"Epoch: {e:0{width}d}/{total:0{width}d} | Train loss: {hist.train_loss[-1]:.4f}"
-    if hist.train_acc is not None:
-        line += f" | Train Acc: {100 * hist.train_acc[-1]:.2f}%"
-    if hist.valid_loss is not None:
-        line += f" | Valid loss: {hist.valid_loss[-1]:.4f}"
-        if hist.valid_acc is not None:
-            line += f" | Valid Acc: {100 * hist.valid_acc[-1]:.2f}%"
-        else:
-            line += f" | Valid score: {hist.valid_score[-1]:.4f}"  # type: ignore[index]
-    line += f" | {hist.seconds[-1]:.2f}s"
-    print(line, flush=True)
+def _chance_loss(net: Network, data: _Data) -> float | None:
+    """Mean loss of predicting the mean target (the class frequencies) on the first rows; None for regression."""
+    if data.task == "regression":
+        return None
+    Y = data.Y[:CHANCE_ROWS]
+    T = _ref.target_matrix(Y, net.n_outputs, net.dtype).astype(np.float64)
+    A = np.broadcast_to(T.mean(axis=0), T.shape)
+    if net.output == "softmax":
+        A = A / max(float(A[0].sum()), 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        loss = float(np.mean(_ref.sample_losses(np.ascontiguousarray(A), T, ACT_CODES[net.output], LOSS_CODES[net.loss])))
+    return loss if math.isfinite(loss) and loss > 0 else None
+
+
+def _warn_unscaled(X: np.ndarray, stacklevel: int) -> None:
+    """Warn when X's largest magnitude is far above the unit scale the initialisation and the rates assume."""
+    if X.size == 0:
+        return
+    hi = float(max(X.max(), -X.min()))
+    if hi > UNSCALED_LIMIT:
+        hint = "X / 255 for 8-bit pixels" if 200 <= hi <= 255 and X.min() >= 0 else "sklearn.preprocessing.StandardScaler"
+        warnings.warn(f"X looks unscaled: its values reach {hi:g}, more than {UNSCALED_LIMIT:g} times the unit scale "
+                      f"the initialisation and the learning rates assume, so units saturate and training may stall; "
+                      f"scale it first (e.g. {hint}); warn=False silences this", UserWarning, stacklevel=stacklevel)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ fit
@@ -403,6 +477,7 @@ def fit(
     resume: bool = False,
     score: Callable[..., float] | None = None,
     reset: bool = False,
+    warn: bool = True,
 ) -> History:
     """Train ``net`` by minibatch gradient descent (every minibatch step runs in the compiled epoch).
 
@@ -449,8 +524,12 @@ def fit(
     seed : int, optional
         Seed of the shuffling and dropout masks (default: derived from the
         network's seed and step counter).
-    verbose : bool or int
-        Print one line per epoch.
+    verbose : {0, 1, 2} or bool
+        What the fit shows, as in Keras: ``1`` (or ``True``, the default) a
+        progress bar per epoch (``tqdm.auto``: text on a terminal, a widget in
+        Jupyter) with the steps, the running training loss and accuracy, then the
+        validation numbers; ``2`` one line per epoch (better in log files); ``0``
+        (or ``False``) nothing.  See :mod:`fastmlp.progress`.
     l2, l1 : float
         The lecture's penalties ``½·l2·‖W‖²`` (as weight decay ``W ← (1 − lr·l2)W``
         each step) and ``l1·‖W‖₁``; biases are not penalized.
@@ -483,6 +562,11 @@ def fit(
     reset : bool
         Re-initialise the weights (the network's ``init`` and ``seed``), the
         optimizer state and the counters first.
+    warn : bool
+        Warn (``UserWarning``) about silent traps: ``X`` whose values exceed
+        :data:`UNSCALED_LIMIT` times the unit scale (0..255 pixels, say), and a
+        training loss that stays at the chance level (the loss of predicting the
+        class frequencies) for the first :data:`CHANCE_EPOCHS` epochs.
 
     Returns
     -------
@@ -512,7 +596,7 @@ def fit(
 _OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "X_valid", "y_valid", "validation_split", "sample_weight",
             "valid_sample_weight", "shuffle", "seed", "verbose", "l2", "l1", "alpha", "dropout", "input_dropout",
             "dropout_scaling", "early_stopping", "callbacks", "on_divergence", "checkpoint", "checkpoint_every", "resume",
-            "score", "reset")  # fmt: skip
+            "score", "reset", "warn")  # fmt: skip
 
 
 def _setup(net: Network, X: Any, y: Any, guard: _InterruptGuard, o: SimpleNamespace) -> tuple[_Run, int]:
@@ -521,7 +605,7 @@ def _setup(net: Network, X: Any, y: Any, guard: _InterruptGuard, o: SimpleNamesp
 
     (epochs, batch_size, lr, optimizer, X_valid, y_valid, validation_split, sample_weight, valid_sample_weight, shuffle,
      seed, verbose, l2, l1, alpha, dropout, input_dropout, dropout_scaling, early_stopping, callbacks, on_divergence,
-     checkpoint, checkpoint_every, resume, score, reset) = (getattr(o, k) for k in _OPTIONS)  # fmt: skip
+     checkpoint, checkpoint_every, resume, score, reset, warn) = (getattr(o, k) for k in _OPTIONS)  # fmt: skip
 
     epochs = V.check_int(epochs, "epochs", minimum=1)
     opt = get_optimizer(optimizer)
@@ -539,6 +623,9 @@ def _setup(net: Network, X: Any, y: Any, guard: _InterruptGuard, o: SimpleNamesp
     if score is not None and not callable(score):
         raise TypeError("score must be a callable score(y_true, outputs, sample_weight=None) -> float")
     seed = V.check_seed(seed)
+    if isinstance(verbose, (bool, np.bool_)):
+        verbose = int(verbose)
+    verbose = V.check_int(verbose, "verbose", minimum=0, maximum=2)
     checkpoint_every = V.check_int(checkpoint_every, "checkpoint_every", minimum=1)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint='path' (the file to resume from)")
@@ -554,6 +641,8 @@ def _setup(net: Network, X: Any, y: Any, guard: _InterruptGuard, o: SimpleNamesp
         net.reset()
     net.check_parameters()
     data = _prepare_data(net, X, y, X_valid, y_valid, validation_split, sample_weight, valid_sample_weight)
+    if warn:
+        _warn_unscaled(data.X, stacklevel=5)
     n = data.n
     bs = n if batch_size is None else V.check_int(batch_size, "batch_size", minimum=1)
     if bs > n:
@@ -585,7 +674,7 @@ def _setup(net: Network, X: Any, y: Any, guard: _InterruptGuard, o: SimpleNamesp
         def orders(epoch: int) -> np.ndarray:
             return fixed
 
-    run = _Run(net, data, plan, lr, orders, rng, cbs, score, int(verbose), on_divergence, ckpt, guard)
+    run = _Run(net, data, plan, lr, orders, rng, cbs, score, verbose, on_divergence, ckpt, guard, bool(warn))
     net.history_ = run.hist
     if verbose:
         if net.epochs_:

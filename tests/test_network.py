@@ -140,7 +140,7 @@ def test_fit_prints_epoch_lines(rng):
     net = Network([8, 3], backend="numpy", seed=0)
     out = io.StringIO()
     with redirect_stdout(out):
-        net.fit(X, y, epochs=2, batch_size=10, X_valid=X, y_valid=y)
+        net.fit(X, y, epochs=2, batch_size=10, X_valid=X, y_valid=y, verbose=2)
     lines = out.getvalue().splitlines()
     assert lines[1].startswith("Epoch: 001/002 | Train loss:") and "Valid Acc:" in lines[2]
 
@@ -462,3 +462,219 @@ def objective_at(net, W, b, objective):
         return objective()
     finally:
         net.set_params(*now)
+
+
+# ---------------------------------------------------------------------------- progress, as Keras shows it
+def test_verbose_1_is_a_bar_per_epoch_2_a_line_0_nothing(rng, capsys):
+    """verbose=1 (the default): a tqdm bar per epoch on stderr with the steps, the loss and accuracy and, at the
+    end, the validation numbers; verbose=2: one line per epoch on stdout; verbose=0: silent."""
+    X, y = _blobs(rng, n=120)
+    net = Network([8, 4, 3], loss="ce", backend="numpy", seed=0)
+    hist = net.fit(X, y, epochs=2, batch_size=10, lr=0.5, validation_split=0.25)
+    out, err = capsys.readouterr()
+    assert out.startswith("Training Network(8-4-3") and "Epoch" not in out
+    for e in (1, 2):
+        final = [seg for seg in err.splitlines() if seg.startswith(f"Epoch {e}/2") and "9/9" in seg][-1]
+        assert f"loss={hist.train_loss[e - 1]:.4f}" in final and f"accuracy={hist.train_acc[e - 1]:.4f}" in final
+        assert f"val_loss={hist.valid_loss[e - 1]:.4f}" in final and f"val_accuracy={hist.valid_acc[e - 1]:.4f}" in final
+    net.fit(X, y, epochs=2, batch_size=10, verbose=2)
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("Continuing training of Network(8-4-3") and "after its epoch 2" in out
+    assert [line[:14] for line in out.splitlines()[1:]] == ["Epoch: 003/004", "Epoch: 004/004"] and err == ""
+    net.fit(X, y, epochs=1, batch_size=10, verbose=0)
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(ValueError, match="verbose must be <= 2"):
+        net.fit(X, y, epochs=1, verbose=3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bar_runs_epochs_in_chunks_that_train_the_same_weights(backend, rng, monkeypatch, capsys):
+    """Under a bar an epoch runs as several compiled calls of consecutive steps; with dropout and Adam (masks
+    and optimizer steps counted across the calls) the weights are bit for bit those of one call per epoch."""
+    from fastmlp import progress
+    from fastmlp.backends import PreparedEpochs
+
+    X, y = _blobs(rng, n=400)
+    calls = []
+    real = PreparedEpochs.__call__
+
+    def counting(self, order, *args):
+        calls.append(len(order))
+        return real(self, order, *args)
+
+    monkeypatch.setattr(PreparedEpochs, "__call__", counting)
+    monkeypatch.setattr(progress, "CHUNK_SECONDS", 1e-9)  # as many chunks as allowed
+    kw = dict(epochs=3, batch_size=7, lr=1e-2, optimizer="adam", dropout=0.3, input_dropout=0.1, seed=4)
+    chunked = Network([8, 16, 3], activation="relu", loss="ce", backend=backend, seed=0)
+    h1 = chunked.fit(X, y, verbose=1, **kw)
+    assert len(calls) > 3 * 2 and sum(calls) == 3 * 400
+    del calls[:]
+    whole = Network([8, 16, 3], activation="relu", loss="ce", backend=backend, seed=0)
+    h0 = whole.fit(X, y, verbose=0, **kw)
+    assert calls == [400] * 3
+    for a, b in zip(chunked.weights + chunked.biases, whole.weights + whole.biases, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(h1.train_loss, h0.train_loss, rtol=1e-12)
+    assert h1.train_acc == h0.train_acc and chunked.step_ == whole.step_
+    assert chunked.optimizer_state_.t == whole.optimizer_state_.t
+    capsys.readouterr()
+
+
+def test_a_chunked_epoch_that_diverges_keeps_the_last_finite_weights(rng, monkeypatch, capsys):
+    from fastmlp import progress
+
+    monkeypatch.setattr(progress, "CHUNK_SECONDS", 1e-9)
+    X, y = _blobs(rng, n=300)
+    net = Network([8, 6, 3], activation="identity", output="identity", loss="squared_error", backend="numpy", seed=0)
+    t = np.eye(3)[y] * 1e3
+    net.fit(X, t, epochs=1, lr=1e-7, batch_size=10, verbose=0)
+    before = net.get_params()
+    with pytest.raises(FloatingPointError, match="diverged"):
+        net.fit(X * 1e3, t, epochs=2, lr=1e3, batch_size=10, verbose=1, warn=False)
+    for a, b in zip(net.weights, before[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------- no silent traps
+def test_warns_when_inputs_look_unscaled_and_when_the_loss_stays_at_chance():
+    """uint8 pixels 0..255 into a relu/softmax net: the loss sticks at log(10) = 2.30 and accuracy at 10 %.
+    fit warns at once about the scale and after three epochs about the chance-level loss; scaled pixels train
+    without either warning; warn=False silences both."""
+    from fastmlp.datasets import load_digits
+
+    X, y, _, _ = load_digits()
+    kw = dict(epochs=4, lr=0.1, batch_size=32, verbose=0)
+    with pytest.warns(UserWarning) as record:
+        hist = Network([64, 32, 10], activation="relu", loss="ce", backend="numpy", seed=0).fit(X, y, **kw)
+    msgs = [str(w.message) for w in record]
+    assert hist.train_acc[-1] < 0.15 and abs(hist.train_data_loss[-1] - np.log(10)) < 0.01
+    assert len(msgs) == 2 and "reach 255" in msgs[0] and "X / 255" in msgs[0]
+    assert "chance level in the first 3 epochs" in msgs[1] and "2.30" in msgs[1]
+    assert all(w.filename == __file__ for w in record)  # pointed at the caller's line
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Network([64, 32, 10], activation="relu", loss="ce", backend="numpy", seed=0).fit(X / 255.0, y, **kw)
+        Network([64, 32, 10], activation="relu", loss="ce", backend="numpy", seed=0).fit(X, y, warn=False, **kw)
+
+
+def test_batch_size_above_the_data_warns_and_clips(rng):
+    X, y = _blobs(rng, n=40)
+    net = Network([8, 3], backend="numpy", seed=0)
+    with pytest.warns(UserWarning, match="batch_size=100 is larger than the 40 training samples; it is clipped to 40"):
+        net.fit(X, y, epochs=2, verbose=0)
+    assert net.step_ == 2  # one full batch per epoch
+
+
+def test_any_callback_that_stops_sets_stopped_epoch(rng):
+    class StopAt(fastmlp.Callback):
+        def on_epoch_end(self, net, history):
+            return history.epoch[-1] == 3
+
+    X, y = _blobs(rng, n=60)
+    hist = Network([8, 3], backend="numpy", seed=0).fit(X, y, epochs=10, batch_size=20, callbacks=[StopAt()], verbose=0)
+    assert hist.stopped_epoch == 3 and len(hist) == 3 and hist.best_epoch is None
+
+
+def test_validation_split_holds_out_the_last_rows(rng):
+    X, y = _blobs(rng, n=100)
+    kw = dict(epochs=2, batch_size=10, verbose=0, seed=1)
+    a = Network([8, 3], backend="numpy", seed=0)
+    ha = a.fit(X, y, validation_split=0.2, **kw)
+    b = Network([8, 3], backend="numpy", seed=0)
+    hb = b.fit(X[:80], y[:80], X_valid=X[80:], y_valid=y[80:], **kw)
+    assert ha.valid_loss == hb.valid_loss and ha.valid_acc == hb.valid_acc
+    np.testing.assert_array_equal(a.weights[0], b.weights[0])
+    with pytest.raises(ValueError, match="not both"):
+        a.fit(X, y, validation_split=0.2, X_valid=X, y_valid=y, **kw)
+    with pytest.raises(ValueError, match="validation_split"):
+        a.fit(X, y, validation_split=1.0, **kw)
+
+
+def test_history_is_a_keras_dict_that_pandas_takes(rng):
+    pd = pytest.importorskip("pandas")
+    X, y = _blobs(rng, n=90)
+    sched = fastmlp.LinearLR(0.5, start_factor=0.5, total_iters=4, per_step=True)
+    hist = Network([8, 4, 3], loss="ce", backend="numpy", seed=0).fit(X, y, epochs=4, batch_size=30, lr=sched,
+                                                                       validation_split=0.2, verbose=0)  # fmt: skip
+    h = hist.history
+    assert list(h) == ["loss", "train_data_loss", "accuracy", "val_loss", "val_accuracy", "val_score", "learning_rate",
+                       "seconds"]  # fmt: skip
+    df = pd.DataFrame(h)
+    assert df.shape == (4, 8) and df["val_accuracy"].tolist() == hist.valid_acc
+    d = pd.DataFrame(hist.as_dict())  # with the per-step rates of a schedule, one list per epoch
+    assert len(d) == 4 and d["epoch"].tolist() == [1, 2, 3, 4] and len(d["step_lr"][0]) == 3
+
+
+def test_summary_lists_layers_parameters_activation_and_dropout(rng):
+    net = Network([8, 16, 4, 3], activation="relu", loss="ce", dtype="float32", backend="numpy", seed=0)
+    lines = []
+    assert net.summary(print_fn=lines.append) is None
+    assert lines[0] == "Network 8-16-4-3 (loss 'ce', float32, backend 'numpy')"
+    rows = [line.split() for line in lines[2:5]]
+    assert [r[0] for r in rows] == ["dense_1", "dense_2", "output"]
+    assert [int(r[7].replace(",", "")) for r in rows] == [8 * 16 + 16, 16 * 4 + 4, 4 * 3 + 3]
+    assert [r[8] for r in rows] == ["relu", "relu", "softmax"] and [r[9] for r in rows] == ["-", "-", "-"]
+    assert lines[5].startswith(f"Total parameters: {net.n_parameters:,} (float32")
+    X, y = _blobs(rng, n=40)
+    net.fit(X, y, epochs=1, batch_size=10, dropout=0.5, input_dropout=0.2, verbose=0)
+    lines = []
+    net.summary(print_fn=lines.append)
+    assert [line.split()[-1] for line in lines[2:5]] == ["0.2", "0.5", "0.5"] and lines[5].endswith("trained 1 epochs")
+    with pytest.raises(TypeError, match="print_fn"):
+        net.summary(print_fn="stdout")
+
+
+def test_messages_give_the_right_fix(rng):
+    import fastmlp.compat as compat
+
+    net = Network([8, 4, 3], loss="ce", backend="numpy", seed=0)
+    with pytest.raises(ValueError, match=r"got shape \(8,\); for one sample use X\.reshape\(1, -1\)"):
+        net.predict(np.zeros(8))
+    with pytest.raises(ValueError, match=r"flatten each sample with X\.reshape\(len\(X\), -1\)"):
+        net.predict(np.zeros((5, 2, 4)))
+    onehot = np.eye(10)[rng.integers(0, 10, 40)]
+    with pytest.raises(ValueError, match=r"one-hot labels for a 10-class problem.*y\.argmax\(1\)"):
+        net.fit(np.zeros((40, 8)), onehot, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"look like one-hot rows: pass the class indices y_train\.argmax\(1\)"):
+        compat.train(compat.NeuralNetMLP(8, 4, 10), np.zeros((200, 8)), np.eye(10)[np.arange(200) % 10],
+                     np.zeros((100, 8)), np.arange(100) % 10, num_epochs=1)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- files
+def test_model_files_get_the_umask_mode_and_keep_a_symlink(tmp_path):
+    net = Network([3, 2], backend="numpy", seed=0)
+    old = os.umask(0o027)
+    try:
+        p = net.save(tmp_path / "m.npz")
+    finally:
+        os.umask(old)
+    assert (p.stat().st_mode & 0o777) == 0o640  # 0o666 & ~umask, as open() would give, not mkstemp's 0o600
+    os.umask(0o022)
+    try:
+        (tmp_path / "real").mkdir()
+        (tmp_path / "link.npz").symlink_to(tmp_path / "real" / "target.npz")
+        net.save(tmp_path / "link.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "link.npz").is_symlink() and (tmp_path / "real" / "target.npz").is_file()
+    assert ((tmp_path / "real" / "target.npz").stat().st_mode & 0o777) == 0o644
+    assert Network.load(tmp_path / "link").config() == net.config()  # load finds link.npz as save named it
+
+
+def test_file_errors_name_the_file_never_a_temp_file_or_numpy_advice(tmp_path):
+    net = Network([3, 2], backend="numpy", seed=0)
+    with pytest.raises(ValueError) as exc:
+        net.save(tmp_path / "missing" / "m.npz")
+    assert "missing" in str(exc.value) and ".tmp" not in str(exc.value) and "does not exist" in str(exc.value)
+    np.savez(tmp_path / "objects.npz", meta=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError) as exc:
+        Network.load(tmp_path / "objects")
+    assert "objects.npz" in str(exc.value) and "allow_pickle" not in str(exc.value)
+    stale = tmp_path / ".m.npz.abc123.tmp"  # a temp file an interrupted save left
+    stale.write_bytes(b"partial")
+    os.utime(stale, (1, 1))
+    net.save(tmp_path / "m")
+    assert not stale.exists() and sorted(os.listdir(tmp_path)) == ["m.npz", "objects.npz"]
