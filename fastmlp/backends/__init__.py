@@ -96,7 +96,7 @@ class Backend:
         A : ndarray (n_samples, n_in)
         W : ndarray (n_out, n_in)
         b : ndarray (n_out,)
-        act : {'identity', 'sigmoid', 'tanh', 'relu', 'softmax'}
+        act : {'identity', 'sigmoid', 'tanh', 'relu', 'softmax', 'exp'}
         out : ndarray (n_samples, n_out), optional
 
         Returns

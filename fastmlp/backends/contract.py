@@ -400,6 +400,7 @@ def plan_epoch(
         Optimizer hyper-parameters: ``momentum`` in [0, 1], ``beta1``/``beta2`` in [0, 1), ``eps`` > 0
         for Adam.
     eps_mode : {'sklearn', 'torch'}
+        Where Adam's epsilon goes (``'torch'`` always for ``adamw``).
     seed : int
         Seed of the dropout masks, in [0, 2**64).
 
@@ -443,6 +444,8 @@ def plan_epoch(
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZER_CODES)}, got {optimizer!r}")
     if eps_mode not in EPS_MODES:
         raise ValueError(f"eps_mode must be one of {tuple(EPS_MODES)}, got {eps_mode!r}")
+    if optimizer == "adamw":
+        eps_mode = "torch"  # AdamW is PyTorch's: its epsilon placement always
     L = len(sz) - 1
     keeps = [1.0] * L if keep is None else [_finite(k, "keep", 0.0, 1.0) for k in keep]
     if len(keeps) != L or any(k <= 0.0 for k in keeps):
