@@ -8,7 +8,9 @@ or shape) whose message names the argument and says how to fix it.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -133,6 +135,45 @@ def all_finite(a: np.ndarray) -> bool:
         return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 
+#: large arrays found finite, by identity, with a digest of a sample of their rows (at most _SEEN_MAX)
+_SEEN: dict[tuple, tuple[weakref.ref, bytes]] = {}
+_SEEN_MAX = 8
+#: arrays below this many elements are always scanned (a scan costs less than the bookkeeping)
+_SEEN_MIN_SIZE = 1 << 16
+
+
+def _seen_key(a: np.ndarray) -> tuple:
+    return (id(a), a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+
+
+def _digest(a: np.ndarray) -> bytes:
+    rows = a[:: max(1, a.shape[0] // 64)] if a.ndim else a
+    return hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).digest()
+
+
+def finite_checked(a: np.ndarray) -> bool:
+    """:func:`all_finite`, remembering large arrays that passed.
+
+    The same array object (same buffer, shape and strides), with an unchanged
+    sample of 64 evenly spaced rows, is not scanned again: a ``fit(epochs=1)``
+    loop then pays the scan of ``X`` once, not per call.  A NaN written in place
+    outside the sample afterwards is not seen here; in training it shows as a
+    non-finite loss, and ``fit`` rolls the epoch back and says so.
+    """
+    if a.size < _SEEN_MIN_SIZE:
+        return all_finite(a)
+    key = _seen_key(a)
+    hit = _SEEN.get(key)
+    if hit is not None and hit[0]() is a and hit[1] == _digest(a):
+        return True
+    if not all_finite(a):
+        return False
+    if len(_SEEN) >= _SEEN_MAX:
+        _SEEN.pop(next(iter(_SEEN)))
+    _SEEN[key] = (weakref.ref(a), _digest(a))
+    return True
+
+
 def as_features(X: object, dtype: np.dtype, name: str = "X", n_features: int | None = None) -> np.ndarray:
     """Cast a feature matrix once to ``dtype``, C-contiguous, finite, 2-D.
 
@@ -165,7 +206,7 @@ def as_features(X: object, dtype: np.dtype, name: str = "X", n_features: int | N
         raise ValueError(f"{name} has {arr.shape[1]} features but the network expects {n_features}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a ValueError
         out = np.ascontiguousarray(arr, dtype=dtype)  # no copy when X already has this dtype and layout
-    if not all_finite(out):
+    if not finite_checked(out):
         if not all_finite(arr):
             raise ValueError(f"{name} contains NaN or infinite values; remove or impute them first")
         raise ValueError(f"{name} overflows {dtype} (values too large); rescale it first")
@@ -323,7 +364,7 @@ def as_kernel_array(
                 raise ValueError(f"{name} has shape {a.shape}; axis {axis} must be {want}")
     if a.ndim and max(a.shape) > MAX_DIM:
         raise ValueError(f"{name} has shape {a.shape}; a dimension above {MAX_DIM} is too large for BLAS, split it")
-    if not all_finite(a):
+    if not finite_checked(a):
         raise ValueError(f"{name} contains NaN or infinite values; the kernels need finite numbers")
     out = np.require(a, requirements=["C", "A"])
     return detached(out, not_in) if out is a else out

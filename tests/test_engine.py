@@ -392,3 +392,32 @@ def test_plateau_rule_is_sklearns_and_keras():
     for v in (3.0, 2.0, 2.5, 2.0):
         keras.update(v)
     assert keras.exhausted and keras.best == 2.0
+
+
+def test_validated_inputs_are_not_rescanned_but_nan_is_still_caught():
+    """A fit(epochs=1) loop scans a large X once; a NaN written in place later is still refused or rolled back."""
+    from fastmlp import _validation as V
+
+    rng = np.random.default_rng(10)
+    X = rng.normal(size=(3000, 40))
+    y = rng.integers(0, 3, 3000)
+    calls = []
+    real = V.all_finite
+    try:
+        V.all_finite = lambda a: calls.append(a.shape) or real(a)
+        net = fastmlp.Network([40, 8, 3], loss="ce", backend="numpy", seed=0)
+        for _ in range(3):
+            net.fit(X, y, epochs=1, verbose=False)
+    finally:
+        V.all_finite = real
+    assert calls.count(X.shape) == 1, calls
+    x00 = X[0, 0]
+    X[0, 0] = np.nan  # a sampled row: found again
+    with pytest.raises(ValueError, match="NaN"):
+        net.fit(X, y, epochs=1, verbose=False)
+    X[0, 0], X[1, 1] = x00, np.nan  # outside the sample: the non-finite loss rolls the epoch back
+    before = net.get_params()
+    with pytest.raises(FloatingPointError, match="diverged"):
+        net.fit(X, y, epochs=1, verbose=False)
+    for a, b in zip(net.weights + net.biases, before[0] + before[1]):
+        np.testing.assert_array_equal(a, b)
