@@ -335,7 +335,7 @@ def train_epoch(
         loss_sum += float(np.sum(li)) if w is None else nb * float(np.dot(w, li)) / s
         correct += n_correct(A, Yb, o_act)
         if plan.alpha:
-            sq = sum(float(np.dot(W.ravel(), W.ravel())) for W in weights)
+            sq = sum(float(np.dot(w, w)) for w in (W.ravel().astype(np.float64) for W in weights))
             pen_sum += nb * (0.5 * plan.alpha * sq / s)
         D = np.empty_like(A)
         _delta(A, T, o_act, loss, w, s, D)
