@@ -4,12 +4,15 @@ matplotlib is imported only when a function here is called (``pip install
 fastmlp[plot]``).  Figures are built with :class:`matplotlib.figure.Figure`
 and rendered by the Agg canvas, never through ``pyplot``: saving works
 headless and the global matplotlib backend of the caller is left alone.
-Each function returns the Figure (it displays itself in Jupyter) and writes a
-PNG when given ``path``.
+Each function returns the Figure and writes a PNG when given ``path``.  The
+Figure has a ``_repr_png_``, so Jupyter renders it when it is a cell's last
+expression with no ``%matplotlib`` magic and no ``pyplot`` (elsewhere in a cell,
+``IPython.display.display(fig)``); a script shows nothing and opens no window.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,12 +37,34 @@ def _mpl() -> Any:
     return matplotlib
 
 
+_FIGURE_CLASS: Any = None
+
+
+def _figure_class() -> Any:
+    """A matplotlib Figure that renders itself as PNG in Jupyter (made once, when matplotlib is first needed)."""
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+        from matplotlib.figure import Figure
+
+        class NotebookFigure(Figure):
+            """A :class:`matplotlib.figure.Figure` with ``_repr_png_``: IPython displays it without a magic."""
+
+            def _repr_png_(self) -> bytes:
+                buf = io.BytesIO()
+                self.savefig(buf, format="png", dpi=DPI)
+                return buf.getvalue()
+
+        NotebookFigure.__module__ = __name__
+        NotebookFigure.__qualname__ = "NotebookFigure"
+        _FIGURE_CLASS = NotebookFigure
+    return _FIGURE_CLASS
+
+
 def _new_figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Any, Any]:
     _mpl()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, layout="constrained")
+    fig = _figure_class()(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, axes.ravel()
@@ -78,6 +103,7 @@ def plot_history(history: History, path: str | os.PathLike[str] | None = None, t
     Returns
     -------
     matplotlib.figure.Figure
+        Jupyter shows it when it is a cell's last expression.
     """
     if len(history) == 0:
         raise ValueError("the history has no epochs to plot")
@@ -134,15 +160,20 @@ def plot_history(history: History, path: str | os.PathLike[str] | None = None, t
 def plot_lr_find(
     result: LRFinderResult, path: str | os.PathLike[str] | None = None, ax: Any = None, title: str | None = None
 ) -> Any:
-    """Smoothed (and raw) minibatch loss against the learning rate on a log axis, suggestion marked.
+    """Raw and smoothed minibatch loss against the learning rate, with the rule's points marked.
+
+    Both curves are drawn whole and in frame (a log loss axis when they span more
+    than a decade, so that the valley stays visible beside the blow-up), with the
+    suggestion (half the turn), the turn, the divergence point and the steepest
+    descent marked, and the chance level (the loss of predicting the class
+    frequencies) as a reference line.
 
     Parameters
     ----------
     result : LRFinderResult
         From :func:`fastmlp.lr_find`.
     path : str or path-like, optional
-        Write a PNG there (only when the function made the figure, i.e. ``ax`` is None,
-        or also from the axes' figure when given).
+        Write a PNG there (``.png`` appended when missing; folders created).
     ax : matplotlib Axes, optional
         Draw into these axes instead of a new figure.
     title : str, optional
@@ -150,25 +181,40 @@ def plot_lr_find(
     Returns
     -------
     matplotlib.figure.Figure
+        Jupyter shows it when it is a cell's last expression.
     """
     if ax is None:
         fig, axes = _new_figure(1, 1, (7.5, 4.8))
         ax = axes[0]
     else:
         fig = ax.get_figure()
-    lrs, losses = result.lrs, result.losses
-    ax.plot(lrs, result.raw_losses, color="0.75", lw=0.8, label="minibatch loss")
-    ax.plot(lrs, losses, color="C0", lw=2, label="smoothed loss")
+    lrs, raw, s = result.lrs, result.raw_losses, result.losses
+    ok_raw, ok_s = np.isfinite(raw), np.isfinite(s)
+    ax.plot(lrs[ok_raw], raw[ok_raw], color="0.6", lw=0.8, alpha=0.8, label="minibatch loss (raw)")
+    ax.plot(lrs[ok_s], s[ok_s], color="C0", lw=2, label=f"smoothed (centred, {result.smooth:g} decade)")
     ax.set_xscale("log")
-    ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggestion (min/2) = {result.suggestion:.3g}")
-    ax.plot([result.min_lr], [losses[result.i_min]], "v", color="C3", label=f"minimum at lr = {result.min_lr:.3g}")
-    ax.plot([result.steepest], [losses[result.i_steepest]], "o", color="C2", mfc="none", ms=9,
-            label=f"steepest descent at lr = {result.steepest:.3g}")  # fmt: skip
-    finite = losses[np.isfinite(losses)]
-    if finite.size:  # keep the blow-up from flattening the interesting part
-        lo, first = float(finite.min()), float(finite[0])
-        hi = max(first, lo) + 0.15 * abs(max(first, lo) - lo) + 1e-12
-        ax.set_ylim(lo - 0.1 * (hi - lo), hi)
+    ax.axvline(result.suggestion, color="C3", ls="--", lw=1.5, label=f"suggestion = turn / 2 = {result.suggestion:.3g}")
+    turn_label = "turn (loss turns up)" if result.turned else "floor reached (no turn)"
+    ax.plot([result.turn_lr], [s[result.i_turn]], "^", color="C3", ms=8, label=f"{turn_label} at {result.turn_lr:.3g}")
+    if result.divergence_lr is not None and result.i_div is not None:
+        y_div = s[result.i_div] if np.isfinite(s[result.i_div]) else float(np.nanmax(s[ok_s]))
+        ax.plot([result.divergence_lr], [y_div], "X", color="k", ms=8,
+                label=f"divergence at {result.divergence_lr:.3g}")  # fmt: skip
+    ax.plot([result.steepest], [s[result.i_steepest]], "o", color="C2", mfc="none", ms=9, mew=2,
+            label=f"steepest descent at {result.steepest:.3g}")  # fmt: skip
+    if result.chance is not None:
+        ax.axhline(result.chance, color="0.4", ls=":", lw=1, label=f"chance level {result.chance:.3g}")
+    vals = np.concatenate([raw[ok_raw], s[ok_s]] + ([np.array([result.chance])] if result.chance else []))
+    vals = vals[vals > 0] if (vals > 0).any() else vals
+    if vals.size:
+        lo, hi = float(vals.min()), float(vals.max())
+        if lo > 0 and hi / lo > 10:
+            ax.set_yscale("log")
+            ax.set_ylim(lo / 1.15, hi * 1.15)
+        else:
+            pad = 0.05 * (hi - lo) + 1e-12
+            ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlim(lrs[0] / 1.2, lrs[-1] * 1.2)
     ax.set(title=title or "Learning-rate range test", xlabel="learning rate (log scale)", ylabel="training loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize="small")
