@@ -2,8 +2,11 @@
 
 :func:`load_mnist` looks for the four gzipped IDX files in ``path``, then in
 ``$FASTMLP_DATA``, then in the user cache ``~/.cache/fastmlp/mnist``, then
-downloads them from public mirrors into the cache, checking each file's
-SHA-256 against the canonical digest.
+downloads them into that cache with `pooch <https://www.fatiando.org/pooch/>`_
+(each public mirror in turn, a few retries, a progress bar on a terminal, each
+file kept only when its SHA-256 matches the canonical digest; a file already in
+the cache with the right digest is not downloaded again).
+:func:`identify` names a directory's dataset from its files' digests.
 """
 
 from __future__ import annotations
@@ -11,14 +14,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
-import tempfile
-import urllib.request
+import sys
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MNIST_FILES", "DataNotFoundError", "find_mnist", "load_digits", "load_idx", "load_mnist", "notebook_split"]
+__all__ = ["MNIST_FILES", "DataNotFoundError", "find_mnist", "identify", "load_digits", "load_idx", "load_mnist",
+           "notebook_split"]
 
 #: the four files of the MNIST layout: (train images, train labels, test images, test labels)
 MNIST_FILES: tuple[str, str, str, str] = (
@@ -39,6 +41,25 @@ MNIST_MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
+#: MD5 digests of the other datasets in the MNIST layout, as their authors (and torchvision) publish them
+KNOWN_MD5: dict[str, dict[str, str]] = {
+    "Fashion-MNIST": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    "KMNIST": {
+        "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
+        "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
+        "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
+        "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
+    },
+}
+#: download attempts per file and mirror beyond the first (pooch waits 1 s, 2 s, ... in between)
+DOWNLOAD_RETRIES = 2
+#: seconds a download may stall before it counts as failed
+DOWNLOAD_TIMEOUT = 30.0
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
 
 
@@ -127,12 +148,45 @@ def _files_in(directory: Path) -> list[Path] | None:
     return found
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def identify(files: list[Path] | str | os.PathLike[str]) -> str | None:
+    """The name of the dataset whose four files these are, from their digests, or None.
+
+    Parameters
+    ----------
+    files : list of Path, or a directory
+        The four MNIST-layout files (as :func:`find_mnist` returns them), or a
+        directory holding them.
+
+    Returns
+    -------
+    str or None
+        ``'MNIST'`` (the canonical SHA-256 digests), ``'Fashion-MNIST'`` or
+        ``'KMNIST'`` (their published MD5 digests); None for files of another
+        dataset, uncompressed copies or modified files.
+    """
+    if not isinstance(files, list):
+        found = _files_in(Path(files))
+        if found is None:
+            return None
+        files = found
+    by_name = {p.name: p for p in files}
+    if set(by_name) != set(MNIST_FILES):
+        return None
+    if all(_digest(by_name[n], "sha256") == MNIST_SHA256[n] for n in MNIST_FILES):
+        return "MNIST"
+    md5 = {n: _digest(by_name[n], "md5") for n in MNIST_FILES}
+    for name, digests in KNOWN_MD5.items():
+        if md5 == digests:
+            return name
+    return None
 
 
 def _mirrors() -> tuple[str, ...]:
@@ -143,39 +197,38 @@ def _mirrors() -> tuple[str, ...]:
     return MNIST_MIRRORS
 
 
-def _download(dest: Path, timeout: float = 30.0) -> list[Path]:
+def _download(dest: Path) -> list[Path]:
+    """Fetch the four files into ``dest`` with pooch: each mirror in turn, retries, checksums, progress bar."""
+    try:
+        import pooch
+    except ImportError as exc:  # pragma: no cover - pooch is a dependency
+        raise DataNotFoundError("downloading MNIST needs pooch: pip install pooch") from exc
     dest.mkdir(parents=True, exist_ok=True)
-    errors: list[str] = []
+    registry = {name: f"sha256:{MNIST_SHA256[name]}" for name in MNIST_FILES}
+    progress = sys.stderr.isatty()
     mirrors = _mirrors()
     for name in MNIST_FILES:
-        target = dest / name
-        if target.is_file() and _sha256(target) == MNIST_SHA256[name]:
-            continue
+        errors = []
         for mirror in mirrors:
+            pup = pooch.create(path=dest, base_url=mirror, registry=registry, retry_if_failed=DOWNLOAD_RETRIES)
             try:
-                fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.")
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(mirror + name, timeout=timeout) as resp:
-                    shutil.copyfileobj(resp, out)
-                digest = _sha256(Path(tmp))
-                if digest != MNIST_SHA256[name]:
-                    os.unlink(tmp)
-                    errors.append(f"{mirror}{name}: SHA-256 mismatch ({digest})")
-                    continue
-                os.replace(tmp, target)
+                pup.fetch(name, progressbar=progress,
+                          downloader=pooch.HTTPDownloader(progressbar=progress, timeout=DOWNLOAD_TIMEOUT))  # fmt: skip
                 break
-            except OSError as exc:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                errors.append(f"{mirror}{name}: {exc}")
+            except ValueError as exc:  # pooch: the downloaded file's hash is not the known one
+                errors.append(f"{mirror}{name}: SHA-256 mismatch ({str(exc).splitlines()[0]})")
+            except Exception as exc:  # requests' connection errors, HTTP errors, OSError
+                errors.append(f"{mirror}{name}: {type(exc).__name__}: {exc}")
         else:
-            raise DataNotFoundError("could not download MNIST: " + "; ".join(errors[-len(mirrors) :]))
+            raise DataNotFoundError("could not download MNIST: " + "; ".join(errors))
     return [dest / name for name in MNIST_FILES]
 
 
 def find_mnist(path: str | os.PathLike[str] | None = None, download: bool = True) -> list[Path]:
     """Locate the four MNIST-layout files: ``path``, ``$FASTMLP_DATA``, the user cache, then a download.
 
-    The download tries each mirror (``$FASTMLP_MNIST_MIRRORS`` overrides the list) and
+    The download (pooch) tries each mirror (``$FASTMLP_MNIST_MIRRORS`` overrides the
+    list) with :data:`DOWNLOAD_RETRIES` retries, shows a progress bar on a terminal and
     keeps a file only when its SHA-256 matches the canonical digest.
 
     Returns
@@ -206,7 +259,8 @@ def find_mnist(path: str | os.PathLike[str] | None = None, download: bool = True
         if c.is_dir() and (files := _files_in(c)) is not None:
             return files
     if not download:
-        raise DataNotFoundError(f"MNIST not found (looked in {', '.join(looked)}; download disabled)")
+        raise DataNotFoundError(f"MNIST not found (looked in {', '.join(looked)}; download disabled); "
+                                "point at a copy with FASTMLP_DATA=DIR (or --data DIR on the command line)")  # fmt: skip
     try:
         return _download(cache_dir())
     except (DataNotFoundError, OSError) as exc:

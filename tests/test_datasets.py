@@ -1,7 +1,7 @@
-"""IDX loading, the MNIST search order with download and SHA-256 check, the notebook split."""
+"""IDX loading, the MNIST search order, the pooch download with SHA-256 check, identification, the split."""
 
+import contextlib
 import gzip
-import shutil
 import struct
 
 import numpy as np
@@ -70,9 +70,10 @@ def test_search_order_env_then_cache_then_download(tmp_path, rng, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTMLP_DATA", str(tmp_path / "env"))
     monkeypatch.setattr(datasets, "MNIST_MIRRORS", ("http://127.0.0.1:9/",))
+    monkeypatch.setattr(datasets, "DOWNLOAD_RETRIES", 0)
     with pytest.raises(DataNotFoundError, match="looked in"):
         load_mnist()
-    with pytest.raises(DataNotFoundError, match="download disabled"):
+    with pytest.raises(DataNotFoundError, match=r"download disabled.*FASTMLP_DATA=DIR"):
         load_mnist(download=False)
     cache_data = _write_idx(tmp_path / "cache" / "fastmlp" / "mnist", rng, n_train=12)
     assert load_mnist()[0].shape[0] == 12
@@ -87,20 +88,76 @@ def test_search_order_env_then_cache_then_download(tmp_path, rng, monkeypatch):
         load_mnist(tmp_path / "empty")
 
 
-def test_download_checks_sha256(tmp_path, rng, monkeypatch, mnist_path):
+@contextlib.contextmanager
+def _http_mirror(directory, fail_first=0):
+    """Serve ``directory`` over HTTP on the loopback interface; the first ``fail_first`` requests get a 503."""
+    import http.server
+    import threading
+
+    state = {"requests": [], "left": fail_first}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(directory), **k)
+
+        def do_GET(self):
+            state["requests"].append(self.path)
+            if state["left"] > 0:
+                state["left"] -= 1
+                self.send_error(503, "busy")
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_through_pooch_checks_sha256_retries_and_caches(tmp_path, rng, monkeypatch, mnist_path):
+    """A mirror with wrong bytes is refused (SHA-256), the next mirror is tried; a mirror that fails once is
+    retried; files already in the cache with the right digest are not downloaded again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("FASTMLP_DATA", raising=False)
+    monkeypatch.delenv("FASTMLP_MNIST_MIRRORS", raising=False)
+    monkeypatch.setattr(datasets, "DOWNLOAD_RETRIES", 0)
     bad = tmp_path / "badmirror"
     _write_idx(bad, rng)  # right names, wrong bytes
-    monkeypatch.setattr(datasets, "MNIST_MIRRORS", (bad.as_uri() + "/",))
-    with pytest.raises(DataNotFoundError, match="SHA-256 mismatch"):
-        load_mnist()
-    good = tmp_path / "goodmirror"
-    shutil.copytree(mnist_path, good)
-    monkeypatch.setattr(datasets, "MNIST_MIRRORS", (bad.as_uri() + "/", good.as_uri() + "/"))
-    X_train, y_train, X_test, y_test = load_mnist()
-    assert X_train.shape == (60000, 784)
-    assert sorted(p.name for p in (tmp_path / "cache" / "fastmlp" / "mnist").iterdir()) == sorted(datasets.MNIST_FILES)
+    cache = tmp_path / "cache" / "fastmlp" / "mnist"
+    with _http_mirror(bad) as (bad_url, _), _http_mirror(mnist_path, fail_first=1) as (good_url, good):
+        monkeypatch.setattr(datasets, "MNIST_MIRRORS", (bad_url,))
+        with pytest.raises(DataNotFoundError, match="SHA-256 mismatch"):
+            load_mnist()
+        assert not cache.exists() or not any(cache.iterdir())  # nothing unverified is kept
+        monkeypatch.setattr(datasets, "MNIST_MIRRORS", (bad_url, good_url))
+        monkeypatch.setattr(datasets, "DOWNLOAD_RETRIES", 1)  # the good mirror's first answer is a 503
+        X_train, y_train, X_test, y_test = load_mnist()
+        assert X_train.shape == (60000, 784) and y_test.shape == (10000,)
+        assert sorted(p.name for p in cache.iterdir()) == sorted(datasets.MNIST_FILES)
+        assert good["requests"][:2] == ["/train-images-idx3-ubyte.gz"] * 2 and len(good["requests"]) == 5
+        datasets._download(cache)  # all four in the cache with the right digests: no request at all
+        assert len(good["requests"]) == 5
+    assert datasets.identify(cache) == "MNIST"
+
+
+def test_identify_names_fashion_mnist_and_kmnist_by_their_digests(tmp_path, rng, monkeypatch, mnist_path):
+    assert datasets.identify(mnist_path) == "MNIST"
+    _write_idx(tmp_path / "other", rng)
+    assert datasets.identify(tmp_path / "other") is None
+    assert datasets.identify(tmp_path / "nowhere") is None
+    files = datasets.find_mnist(tmp_path / "other")
+    # the published MD5s of Fashion-MNIST, checked against files whose MD5 they are (the test cannot ship the data)
+    real = datasets._digest
+    fake = {str(p): datasets.KNOWN_MD5["Fashion-MNIST"][p.name] for p in files}
+    monkeypatch.setattr(datasets, "_digest", lambda p, alg: fake[str(p)] if alg == "md5" else real(p, alg))
+    assert datasets.identify(files) == "Fashion-MNIST"
 
 
 @pytest.mark.mnist
