@@ -7,7 +7,7 @@ with the classic NumPy float64 loop (:mod:`fastmlp._classic`) over several
 rounds; the speed-up is the median of the same-round ratios, printed beside
 the classic loop's absolute time (this kind of machine is noisy).
 
-Configurations (DESIGN §4 and the benchmark issue):
+Configurations:
 
 * ``a``: 784-50-10 sigmoid/MSE, batch 100 — the classic notebook's;
 * ``b``: 784-256-256-10 sigmoid/MSE, batch 256;
@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from fastmlp import _bench_extra as extra
 from fastmlp import _classic, _threads
+from fastmlp._bench_extra import build_label
 from fastmlp.backends import available_backends, get_backend
 from fastmlp.backends.contract import ACT_CODES, plan_epoch
 
@@ -186,7 +188,7 @@ def _fastmlp_runner(backend: str, dtype: str, cfg: Config, X: np.ndarray, y: np.
     def epoch() -> None:
         epochs(rng.permutation(n), (Ws, bs), None, cfg.lr)
 
-    return _Runner(backend, dtype, epoch)
+    return _Runner(build_label(backend), dtype, epoch)
 
 
 def _classic_runner(cfg: Config, X: np.ndarray, y: np.ndarray) -> _Runner:
@@ -253,11 +255,12 @@ class Row:
     pct_peak: float
     speedup: float
     times_s: list[float] = field(default_factory=list)
+    pct_fma: float | None = None
 
 
 def bench_config(cfg: Config, rows: int, rounds: int, backends: list[str], dtypes: list[str],
                  peaks: dict[str, float], data_path: str | None = None, torch: bool = True,
-                 log: Any = print) -> tuple[list[Row], str]:  # fmt: skip
+                 log: Any = print, fma: dict[str, float | None] | None = None) -> tuple[list[Row], str]:  # fmt: skip
     """Time every contender on one configuration, interleaved over ``rounds`` rounds."""
     X, y, src = load_data(rows, data_path)
     classic = _classic_runner(cfg, X, y)
@@ -281,7 +284,9 @@ def bench_config(cfg: Config, rows: int, rounds: int, backends: list[str], dtype
         t = statistics.median(r.times)
         speed = 1.0 if i == 0 else statistics.median(ratios[i - 1])
         gf = flops / t / 1e9
-        out.append(Row(cfg.key, r.name, r.dtype, rows, 1e3 * t, rows / t, gf, 100 * gf / peaks[r.dtype], speed, r.times))
+        bound = (fma or {}).get(r.dtype)
+        out.append(Row(cfg.key, r.name, r.dtype, rows, 1e3 * t, rows / t, gf, 100 * gf / peaks[r.dtype], speed, r.times,
+                       None if not bound else 100 * gf / bound))  # fmt: skip
     return out, src
 
 
@@ -323,22 +328,48 @@ print(json.dumps(dict(base=base, peak=peak, data=X.shape[0] * X.shape[1] * np.dt
 
 def format_table(rows: list[Row]) -> str:
     """The results as a Markdown table."""
-    head = "| config | backend | dtype | samples/s | ms/epoch | GFLOP/s | % peak | vs classic |"
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
+    head = "| config | backend (build) | dtype | samples/s | ms/epoch | GFLOP/s | % GEMM peak | % FMA bound | vs classic |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        fma = "-" if r.pct_fma is None else f"{r.pct_fma:.1f}"
         lines.append(
             f"| {CONFIGS[r.config].label} | {r.backend} | {r.dtype} | {r.samples_per_s:,.0f} | {r.ms_per_epoch:,.1f} | "
-            f"{r.gflops:.1f} | {r.pct_peak:.1f} | {r.speedup:.2f}x |"
+            f"{r.gflops:.1f} | {r.pct_peak:.1f} | {fma} | {r.speedup:.2f}x |"
         )
     return "\n".join(lines)
+
+
+#: the sections after the training table, in order (``sections=`` of :func:`run`)
+SECTIONS = ("avx2", "optimizers", "fit", "predict", "sklearn")
 
 
 def run(quick: bool = False, configs: str = "abc", backends: list[str] | None = None,
         dtypes: tuple[str, ...] = ("float32", "float64"), rounds: int | None = None, rows: int | None = None,
         json_path: str | None = None, data_path: str | None = None, torch: bool = True, memory: bool = True,
-        log: Any = print) -> dict[str, Any]:  # fmt: skip
-    """Run the benchmark, print the table, and return (and optionally write) the results."""
+        sections: tuple[str, ...] = SECTIONS, log: Any = print) -> dict[str, Any]:  # fmt: skip
+    """Run the benchmark, print the tables, and return (and optionally write) the results.
+
+    Parameters
+    ----------
+    quick : bool
+        Small data and few rounds (about a minute without the extra sections).
+    configs : str
+        Letters of :data:`CONFIGS` for the training table.
+    backends : list of str, optional
+        Backends of the training table (default: every available one).
+    dtypes, rounds, rows, json_path, data_path, torch, memory
+        The training table's dtypes, interleaved rounds, rows per configuration, a JSON file to write, the
+        MNIST directory, PyTorch rows (when importable), the peak-memory probe.
+    sections : tuple of str
+        Further sections, from :data:`SECTIONS`: the avx2 build's rows (on an AVX-512 CPU), optimizers
+        against SGD, ``Network.fit`` against the raw epoch, inference, scikit-learn against fastmlp.sklearn.
+    log : callable
+        Where lines go.
+    """
     t_start = time.perf_counter()
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown bench sections {unknown}; choose from {SECTIONS}")
     backends = backends or available_backends()
     rounds = rounds or (3 if quick else 5)
     mode = "quick" if quick else "full"
@@ -347,24 +378,58 @@ def run(quick: bool = False, configs: str = "abc", backends: list[str] | None = 
         peak_sources[d] = {"numpy_blas": gemm_peak(d, n=1024 if quick else 2048),
                            "fastmlp_simd": simd_gemm_peak(d, n=1024 if quick else 2048)}  # fmt: skip
     peaks = {d: max(v for v in src.values() if v is not None) for d, src in peak_sources.items()}
+    fma = {d: extra.fma_bound(d) for d in ("float32", "float64")}
     for d, src in peak_sources.items():
         own = f", fastmlp's own AVX-512 kernel {src['fastmlp_simd']:.1f}" if src["fastmlp_simd"] else ""
+        bound = f"; FMA bound {fma[d]:.1f} GFLOP/s (a compiled FMA loop on every CPU)" if fma[d] else \
+            "; FMA bound not measured (needs the Cython build)"  # fmt: skip
         log(f"GEMM peak {d}: {peaks[d]:.1f} GFLOP/s, the best of NumPy's BLAS {src['numpy_blas']:.1f}{own} "
-            "(all threads)")  # fmt: skip
+            f"(all threads){bound}")  # fmt: skip
     all_rows: list[Row] = []
     sources = {}
     for key in configs:
         cfg = CONFIGS[key]
         n = rows or ROWS[mode][key]
         log(f"{cfg.label}: {n} rows, {rounds} interleaved rounds ...")
-        res, src = bench_config(cfg, n, rounds, backends, list(dtypes), peaks, data_path, torch, log)
+        res, src = bench_config(cfg, n, rounds, backends, list(dtypes), peaks, data_path, torch, log, fma)
         sources[key] = src
         base = res[0]
         log(f"  classic NumPy loop: {base.ms_per_epoch:,.1f} ms/epoch ({base.samples_per_s:,.0f} samples/s)")
         all_rows += res
+    result: dict[str, Any] = {"mode": mode, "peaks_gflops": peaks, "peak_sources_gflops": peak_sources,
+                              "fma_bound_gflops": fma, "cpu_count": os.cpu_count()}  # fmt: skip
+    if "avx2" in sections and "cython" in backends:
+        log("avx2 build of the Cython kernels (a child process with FASTMLP_CYTHON_ISA=avx2) ...")
+        for r in extra.avx2_child_rows(configs, rows, rounds, quick, data_path):
+            r = dict(r, backend="cython (avx2)")
+            bound = fma.get(r["dtype"])
+            r["pct_fma"] = None if not bound else 100 * r["gflops"] / bound
+            all_rows.append(Row(**r))
     table = format_table(all_rows)
     log("")
     log(table)
+    compiled = extra.compiled_backends(backends)
+    if {"optimizers", "fit", "predict", "sklearn"} & set(sections):
+        Xa, ya, _ = load_data(ROWS[mode]["a"], data_path)
+    if "optimizers" in sections:
+        log("\nOptimizers, one raw epoch of (a) 784-50-10, against plain SGD:")
+        result["optimizers"] = extra.optimizer_rows(Xa, ya, CONFIGS["a"].layers, 100, rounds, compiled)
+    if "fit" in sections:
+        log("Network.fit against the raw epoch, (a) 784-50-10:")
+        result["fit"] = extra.fit_rows(Xa, ya, CONFIGS["a"].layers, 100, rounds, 3 if quick else 5, compiled)
+    if "predict" in sections:
+        log("Inference, 784-100-10 relu/softmax float32:")
+        result["predict"] = extra.predict_rows(rounds, compiled, quick)
+    if "sklearn" in sections:
+        n_sk = 5000 if quick else 20000
+        Xs, ys, _ = load_data(n_sk, data_path)
+        log(f"scikit-learn's MLPClassifier defaults against fastmlp.sklearn's, {n_sk} rows, "
+            f"{2 if quick else 5} epochs ...")  # fmt: skip
+        result["sklearn"] = extra.sklearn_rows(Xs, ys, 2 if quick else 5, 1 if quick else 3)
+    more = extra.format_sections(result)
+    if more:
+        log("")
+        log(more)
     mem = None
     if memory:
         mem = memory_probe(rows=ROWS[mode]["a"], dtype="float32", data_path=data_path)
@@ -373,9 +438,7 @@ def run(quick: bool = False, configs: str = "abc", backends: list[str] | None = 
             f"{'within' if mem['within_budget'] else 'OVER'} budget")  # fmt: skip
     elapsed = time.perf_counter() - t_start
     log(f"\n({mode} run, {elapsed:.0f} s; data: {', '.join(f'{k}: {v}' for k, v in sources.items())})")
-    result = {"mode": mode, "peaks_gflops": peaks, "peak_sources_gflops": peak_sources,
-              "rows": [asdict(r) for r in all_rows], "memory": mem,
-              "data": sources, "seconds": elapsed, "cpu_count": os.cpu_count()}  # fmt: skip
+    result.update(rows=[asdict(r) for r in all_rows], memory=mem, data=sources, seconds=elapsed)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=2)
