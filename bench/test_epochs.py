@@ -1,6 +1,6 @@
 """Whole-epoch benchmarks on real MNIST: every backend × dtype beside the classic NumPy loop.
 
-Group per configuration (DESIGN §4): (a) 784-50-10 sigmoid/MSE batch 100,
+Group per configuration: (a) 784-50-10 sigmoid/MSE batch 100,
 (b) 784-256-256-10 sigmoid/MSE batch 256, (c) 784-1024-1024-10 relu/softmax-CE
 batch 512.  The baseline row is the notebook's loop (float64).
 """
