@@ -2,7 +2,10 @@
 
 Every user error (a wrong path, a corrupt file, an unknown backend, a bad
 hyper-parameter) ends with one line on stderr and exit code 2; ``--debug``
-shows the traceback instead.
+shows the traceback instead.  Every option's help says its default.  A closed
+output pipe (``fastmlp info | head -1``) ends quietly with exit code 0, as
+``head`` expects.  Extras a command needs (matplotlib for ``--plot``) are
+checked before any data is loaded or any training starts.
 """
 
 from __future__ import annotations
@@ -23,8 +26,28 @@ class CLIError(Exception):
     """A user error reported as one line with exit code 2."""
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends each option with its default, as ``(default: ...)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.required:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text + " (default: off)"
+        if action.default is None:
+            return text if "unset" in text else text + " (default: unset)"
+        return text + " (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (exit 2)."""
+    """argparse that reports a usage error as one line (exit 2) and shows every option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -67,18 +90,37 @@ def load_data(spec: str, quiet: bool = False) -> tuple[str, np.ndarray, np.ndarr
         name, (Xtr, ytr, Xte, yte) = "digits (scikit-learn's 8x8)", datasets.load_digits()
     elif spec == "mnist":
         try:
-            Xtr, ytr, Xte, yte = datasets.load_mnist()
-            name = "MNIST"
+            files = datasets.find_mnist()
         except datasets.DataNotFoundError as exc:
-            print(f"fastmlp: MNIST unavailable ({exc}); training on scikit-learn's bundled 8x8 digits instead",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(f"fastmlp: MNIST unavailable ({exc}); using scikit-learn's bundled 8x8 digits instead. "
+                  "Point at a copy of MNIST with --data DIR or FASTMLP_DATA=DIR", file=sys.stderr, flush=True)  # fmt: skip
             name, (Xtr, ytr, Xte, yte) = "digits (scikit-learn's 8x8, MNIST fallback)", datasets.load_digits()
+        else:
+            Xtr, ytr, Xte, yte = datasets.load_mnist(files[0].parent, download=False)
+            name = datasets.identify(files) or f"IDX files in {files[0].parent}"
     else:
         if not os.path.isdir(spec):
             raise CLIError(f"--data {spec}: no such directory (use 'mnist', 'digits' or a directory of four IDX files)")
         Xtr, ytr, Xte, yte = datasets.load_mnist(spec, download=False)
-        name = f"IDX files in {spec}"
+        name = datasets.identify(spec) or f"IDX files in {spec}"
+        name = name if name.startswith("IDX") else f"{name} ({spec})"
     return name, _scale(Xtr), ytr, _scale(Xte), yte
+
+
+def _check_plot_extra(path: str | None, flag: str = "--plot") -> None:
+    """Fail before any work when a plot is asked for and matplotlib is missing."""
+    if not path:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CLIError(f"{flag} {path} needs matplotlib: pip install 'fastmlp[plot]' (or leave out {flag})") from None
+    from fastmlp._io import check_output_path
+
+    target = path if path.lower().endswith(".png") else path + ".png"
+    if os.path.dirname(target) and not os.path.isdir(os.path.dirname(target)):
+        return  # plotting creates the folders
+    check_output_path(target, "plot")
 
 
 def _scale(X: np.ndarray) -> np.ndarray:
@@ -146,20 +188,27 @@ def _progress_callback(epochs: int, quiet: bool) -> Any:
 def _add_network_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and network")
     g.add_argument("--data", default="mnist", metavar="mnist|digits|DIR",
-                   help="'mnist' (default; $FASTMLP_DATA, the user cache, then a download; falls back to digits), "
-                        "'digits', or a directory of four MNIST-layout IDX files (Fashion-MNIST, KMNIST)")  # fmt: skip
-    g.add_argument("--hidden", type=_positive_int, nargs="+", default=[50], metavar="N", help="hidden layer sizes (default 50)")
-    g.add_argument("--activation", default="sigmoid", choices=["sigmoid", "tanh", "relu", "identity"])
+                   help="'mnist' ($FASTMLP_DATA, the user cache, then a download; falls back to digits offline), "
+                        "'digits', or a directory of four MNIST-layout IDX files (MNIST, Fashion-MNIST, KMNIST: "
+                        "named from their digests); pixels are scaled to [-1, 1] as the notebook does")  # fmt: skip
+    g.add_argument("--hidden", type=_positive_int, nargs="+", default=[50], metavar="N",
+                   help="hidden layer sizes, e.g. --hidden 256 256 for two layers")  # fmt: skip
+    g.add_argument("--activation", default="sigmoid", choices=["sigmoid", "tanh", "relu", "identity"],
+                   help="hidden-layer activation")  # fmt: skip
     g.add_argument("--output", default=None, choices=["sigmoid", "softmax", "identity"],
-                   help="output activation (default: sigmoid for mse, softmax for ce)")  # fmt: skip
+                   help="output activation; unset: the loss's (sigmoid for mse, softmax for ce)")  # fmt: skip
     g.add_argument("--init", default="normal", choices=["normal", "glorot", "he"],
-                   help="weight initialisation (default normal: N(0, 0.1), the notebook's)")  # fmt: skip
-    g.add_argument("--loss", default="mse", choices=["mse", "ce"])
-    g.add_argument("--backend", default="auto", help="auto, cython, numba or numpy (default auto)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    g.add_argument("--seed", type=_nonneg_int, default=123)
-    g.add_argument("--batch-size", type=_positive_int, default=100)
-    g.add_argument("--valid", type=_nonneg_int, default=5000, help="validation rows split off the training set (default 5000)")
+                   help="weight initialisation: normal is N(0, 0.1), the notebook's; he suits relu")  # fmt: skip
+    g.add_argument("--loss", default="mse", choices=["mse", "ce"],
+                   help="mse (the notebook's, with sigmoid outputs) or cross-entropy (with softmax outputs)")  # fmt: skip
+    g.add_argument("--backend", default="auto", help="kernel backend: auto (the fastest that loads), cython, numba or numpy")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="float32 is about twice as fast; float64 gives the notebook's numbers")  # fmt: skip
+    g.add_argument("--seed", type=_nonneg_int, default=123,
+                   help="seed of the initialisation, the validation split and the shuffling (123: the notebook's)")  # fmt: skip
+    g.add_argument("--batch-size", type=_positive_int, default=100, help="minibatch size")
+    g.add_argument("--valid", type=_nonneg_int, default=5000,
+                   help="validation rows split off the training set (stratified; 0 for none)")  # fmt: skip
 
 
 def _build_network(args: argparse.Namespace, n_features: int, n_classes: int) -> Any:
@@ -175,7 +224,7 @@ def _n_classes(*ys: np.ndarray) -> int:
 
 
 def _make_schedule(args: argparse.Namespace) -> Any:
-    if args.schedule in (None, "constant"):
+    if args.schedule == "constant":
         return args.lr
     from fastmlp import schedules
 
@@ -198,6 +247,11 @@ def _check_backend(name: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _check_backend(args.backend)
+    _check_plot_extra(args.plot)
+    if args.out:
+        from fastmlp._io import check_output_path
+
+        check_output_path(args.out if args.out.endswith(".npz") else args.out + ".npz", "model")
     name, Xtr, ytr, Xte, yte = load_data(args.data, args.quiet)
     Xtr, ytr, Xva, yva = _split_valid(Xtr, ytr, args.valid, args.seed, args.quiet)
     net = _build_network(args, Xtr.shape[1], _n_classes(ytr, yte))
@@ -237,17 +291,89 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     import fastmlp
 
     _check_backend(args.backend)
+    plot = None if args.no_plot else args.plot
+    _check_plot_extra(plot)
     name, Xtr, ytr, _, yte = load_data(args.data, args.quiet)
     net = _build_network(args, Xtr.shape[1], _n_classes(ytr, yte))
     res = fastmlp.lr_find(net, Xtr, ytr, start=args.start, end=args.end, num_iter=args.num_iter,
-                          batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+                          batch_size=args.batch_size, seed=args.seed, optimizer=args.optimizer, warn=False)  # fmt: skip
     print(f"Data: {name}; model: {net!r}")
-    print(f"Suggested learning rate: {res.suggestion:.4g} (half the rate at the loss minimum); "
-          f"steepest descent at {res.steepest:.4g}")  # fmt: skip
-    if args.plot:
-        res.plot(args.plot)
-        print(f"LR finder plot saved to {args.plot}")
+    if res.turned:
+        how = f"half the rate where the loss turns up, {res.turn_lr:.4g}; it diverges from {res.divergence_lr:.4g}"
+    else:
+        how = (f"the loss never turned up below {res.lrs[-1]:.3g}: half the rate where it reached its floor, "
+               f"{res.turn_lr:.4g}")  # fmt: skip
+    print(f"Suggested learning rate: {res.suggestion:.4g} ({how})")
+    print(f"Steepest descent at {res.steepest:.4g}; train with: fastmlp train --lr {res.suggestion:.3g} ...")
+    if plot:
+        res.plot(plot)
+        print(f"LR finder plot saved to {plot}")
     return 0
+
+
+def _read_rows(path: str) -> np.ndarray:
+    """Feature rows from ``.npy`` (no pickles) or ``.csv`` (comma-separated numbers, an optional header line)."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--input {path}: no such file")
+    if path.lower().endswith(".npy"):
+        try:
+            X = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            msg = "it holds Python objects" if "allow_pickle" in str(exc) else str(exc).splitlines()[0]
+            raise CLIError(f"--input {path}: not a readable .npy file of numbers ({msg})") from None
+    elif path.lower().endswith(".csv"):
+        with open(path) as fh:
+            first = fh.readline()
+        try:
+            float(first.split(",")[0])
+            skip = 0
+        except ValueError:
+            skip = 1  # a header line
+        try:
+            X = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+        except ValueError as exc:
+            raise CLIError(f"--input {path}: not a CSV of numbers ({str(exc).splitlines()[0]})") from None
+    else:
+        raise CLIError(f"--input {path}: give a .npy or a .csv file of feature rows")
+    if X.ndim != 2:
+        raise CLIError(f"--input {path}: rows must be 2-D (n_rows, n_features), got shape {X.shape}; save one sample "
+                       "as X.reshape(1, -1)")  # fmt: skip
+    return X
+
+
+def _input_scale(X: np.ndarray, how: str, path: str) -> np.ndarray:
+    """``--input-scale``: 'pixels' scales 0..255 to [-1, 1] as train does; 'auto' does so for 0..255 integers."""
+    if how == "none":
+        return X
+    integral = X.dtype.kind in "iub" or bool(np.all(np.mod(X, 1) == 0))
+    pixels = integral and X.size and X.min() >= 0 and X.max() <= 255 and X.max() > 1
+    if how == "pixels" or pixels:
+        if how == "auto":
+            print(f"note: --input {path} holds integers in 0..255: scaled to [-1, 1] as fastmlp train scales pixels "
+                  "(--input-scale none uses them as they are)", file=sys.stderr, flush=True)  # fmt: skip
+        return _scale(X)
+    return X
+
+
+def _write_predictions(path: str, pred: np.ndarray, probs: np.ndarray, mc: Any) -> None:
+    from fastmlp._io import atomic_write, check_output_path
+
+    k = probs.shape[1]
+    if mc is None:
+        head = ["label", *(f"p_{j}" for j in range(k))]
+        cols = [pred[:, None], probs]
+    else:
+        head = ["label", *(f"mean_{j}" for j in range(k)), *(f"std_{j}" for j in range(k)), "entropy"]
+        cols = [pred[:, None], mc.mean, mc.std, mc.entropy[:, None]]
+    table = np.hstack([c.astype(np.float64) for c in cols])
+    lines = [",".join(head)] + [str(int(r[0])) + "," + ",".join(f"{v:.6g}" for v in r[1:]) for r in table]
+    text = "\n".join(lines) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    check_output_path(path, "predictions")
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -259,34 +385,63 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"--model {args.model}: {exc}") from None
     if net.is_regressor:
         raise CLIError(f"--model {args.model}: a regression network ({net.output} output, {net.loss} loss); "
-                       "fastmlp predict reports the accuracy of classifiers")  # fmt: skip
-    name, _, _, Xte, yte = load_data(args.data, quiet=True)
-    if Xte.shape[1] != net.n_features:
-        raise CLIError(f"the model expects {net.n_features} features but {name} has {Xte.shape[1]}")
-    if yte.max() >= net.n_classes:
-        raise CLIError(f"the model has {net.n_classes} classes but {name} has labels up to {yte.max()}")
+                       "fastmlp predict reports the classes and probabilities of classifiers")  # fmt: skip
     if args.mc_samples:
-        mc = net.mc_predict(Xte, n_samples=args.mc_samples, seed=args.seed)
-        pred = np.argmax(mc.mean, axis=1)
+        trained = (net.dropout_ or 0) > 0 or (net.input_dropout_ or 0) > 0
+        if not trained and args.mc_dropout is None:
+            raise CLIError(f"--mc-samples: {args.model} was trained without dropout, so every Monte-Carlo pass would "
+                           "give the same prediction; pass --mc-dropout RATE to drop hidden units at RATE anyway "
+                           "(e.g. --mc-dropout 0.2), or train with fastmlp train --dropout RATE")  # fmt: skip
+    elif args.mc_dropout is not None:
+        raise CLIError("--mc-dropout RATE only takes effect with --mc-samples N (N > 0)")
+    output = args.output
+    if args.input is None:
+        name, _, _, X, y = load_data(args.data, quiet=True)
+        what = f"{name} test split"
     else:
-        pred = net.predict(Xte)
-    acc = float(np.mean(pred == yte))
+        X, y = _input_scale(_read_rows(args.input), args.input_scale, args.input), None
+        name = what = args.input
+        output = output or "-"
+    if X.shape[1] != net.n_features:
+        raise CLIError(f"the model expects {net.n_features} features but {name} has {X.shape[1]}")
+    if y is not None and y.max() >= net.n_classes:
+        raise CLIError(f"the model has {net.n_classes} classes but {name} has labels up to {y.max()}")
+    if output and output != "-":
+        from fastmlp._io import check_output_path
+
+        check_output_path(output, "predictions")
+    mc = None
+    if args.mc_samples:
+        mc = net.mc_predict(X, n_samples=args.mc_samples, seed=args.seed, dropout=args.mc_dropout)
+        probs, pred = mc.mean, np.argmax(mc.mean, axis=1)
+    else:
+        probs = net.predict_proba(X).astype(np.float64)
+        pred = net.predict(X)
+        if probs.shape[1] == 1:  # one sigmoid unit: the probabilities of classes 0 and 1
+            probs = np.hstack([1 - probs, probs])
+    if output:
+        _write_predictions(output, pred, probs, mc)
+        if output != "-":
+            print(f"Predictions of {len(pred)} rows written to {output}", file=sys.stderr if y is None else sys.stdout)
+    if y is None:
+        return 0
+    acc = float(np.mean(pred == y))
     print(f"Model: {net!r}")
-    print(f"Data: {name} test split, {len(yte)} rows")
+    print(f"Data: {what}, {len(y)} rows")
     print(f"Test accuracy: {100 * acc:.2f}%")
     k = net.n_classes
     cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (yte, pred), 1)
+    np.add.at(cm, (y, pred), 1)
     width = max(5, len(str(cm.max())) + 1)
     print("Confusion matrix (rows: true class, columns: predicted):")
     print("true\\pred" + "".join(f"{j:>{width}}" for j in range(k)))
     for i in range(k):
         print(f"{i:>9}" + "".join(f"{v:>{width}}" for v in cm[i]))
-    if args.mc_samples:
-        wrong = pred != yte
+    if mc is not None:
+        wrong = pred != y
         ent_wrong = mc.entropy[wrong].mean() if wrong.any() else float("nan")
-        print(f"MC dropout ({args.mc_samples} samples): mean predictive entropy {mc.entropy.mean():.4f} nats; "
-              f"correct {mc.entropy[~wrong].mean():.4f}, wrong {ent_wrong:.4f}")  # fmt: skip
+        print(f"MC dropout ({args.mc_samples} samples, dropout {mc.dropout:g}): mean predictive entropy "
+              f"{mc.entropy.mean():.4f} nats; correct {mc.entropy[~wrong].mean():.4f}, wrong {ent_wrong:.4f}")  # fmt: skip
     return 0
 
 
@@ -349,9 +504,10 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"({os.environ.get('FASTMLP_DATA') or 'unset'}), then {datasets.cache_dir()}, then downloaded")  # fmt: skip
     try:
         files = datasets.find_mnist(download=False)
-        print(f"MNIST found: {files[0].parent}")
+        print(f"MNIST-layout data found: {files[0].parent} ({datasets.identify(files) or 'unknown IDX files'})")
     except datasets.DataNotFoundError:
-        print("MNIST not found locally (fastmlp train downloads it, or falls back to digits offline)")
+        print("MNIST not found locally (fastmlp train downloads it, or falls back to digits offline); "
+              "point at a copy with --data DIR or FASTMLP_DATA=DIR")
     return 0
 
 
@@ -369,60 +525,97 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a network; prints one line per epoch and the test accuracy.")  # fmt: skip
     _add_network_options(t)
     g = t.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=50)
-    g.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate (default 0.1)")
+    g.add_argument("--epochs", type=_positive_int, default=50, help="passes over the training data")
+    g.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate (fastmlp lr-find suggests one)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "nesterov", "adam", "adamw"],
-                   help="sgd (default: plain minibatch SGD, the notebook's), momentum or nesterov (0.9), "
+                   help="sgd: plain minibatch SGD, the notebook's; momentum or nesterov (0.9); "
                         "adam (scikit-learn's) or adamw (PyTorch's, weight decay 0.01)")  # fmt: skip
-    g.add_argument("--schedule", default=None, choices=["constant", "linear", "step", "exp", "cosine", "plateau"],
-                   help="learning-rate schedule (default constant)")  # fmt: skip
-    g.add_argument("--l1", type=_nonneg_float, default=0.0)
-    g.add_argument("--l2", type=_nonneg_float, default=0.0)
-    g.add_argument("--dropout", type=_probability, default=0.0, help="hidden-unit drop probability")
-    g.add_argument("--input-dropout", type=_probability, default=0.0, help="input drop probability")
-    g.add_argument("--patience", type=_positive_int, default=None, help="early stopping patience (epochs)")
-    g.add_argument("--out", default=None, metavar="model.npz", help="save the trained model here")
-    g.add_argument("--plot", default=None, metavar="trace.png", help="save the loss/accuracy trace plot here")
+    g.add_argument("--schedule", default="constant", choices=["constant", "linear", "step", "exp", "cosine", "plateau"],
+                   help="learning-rate schedule: linear decays to a tenth, step divides by 10 every third of the "
+                        "epochs, exp multiplies by 0.95 an epoch, cosine anneals to 0, plateau divides when the "
+                        "validation loss stalls")  # fmt: skip
+    g.add_argument("--l1", type=_nonneg_float, default=0.0, help="L1 penalty l1 * sum |W|")
+    g.add_argument("--l2", type=_nonneg_float, default=0.0, help="L2 penalty 1/2 l2 * sum W^2 (weight decay)")
+    g.add_argument("--dropout", type=_probability, default=0.0, help="drop probability of hidden units while training")
+    g.add_argument("--input-dropout", type=_probability, default=0.0, help="drop probability of input features")
+    g.add_argument("--patience", type=_positive_int, default=None,
+                   help="early stopping: stop after this many epochs without a better validation loss and keep "
+                        "the best epoch's weights; unset: no early stopping")  # fmt: skip
+    g.add_argument("--out", default=None, metavar="model.npz", help="save the trained model here; unset: not saved")
+    g.add_argument("--plot", default=None, metavar="trace.png",
+                   help="save the loss/accuracy trace plot here (needs matplotlib); unset: no plot")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="print only the final lines")
     t.set_defaults(func=cmd_train)
 
     lf = sub.add_parser("lr-find", help="learning-rate range test with a suggestion",
-                        description="Sweep the learning rate exponentially and suggest one.")  # fmt: skip
+                        description="Sweep the learning rate exponentially, one minibatch a rate, and suggest half "
+                                    "the rate where the loss turns up (the lecture's rule).")  # fmt: skip
     _add_network_options(lf)
-    lf.add_argument("--start", type=_positive_float, default=1e-5)
-    lf.add_argument("--end", type=_positive_float, default=10.0)
-    lf.add_argument("--num-iter", type=_positive_int, default=100)
-    lf.add_argument("--plot", default="lr_find.png", metavar="PNG", help="plot file (default lr_find.png)")
-    lf.add_argument("--quiet", action="store_true")
+    g = lf.add_argument_group("sweep")
+    g.add_argument("--start", type=_positive_float, default=1e-5, help="first learning rate of the sweep")
+    g.add_argument("--end", type=_positive_float, default=10.0, help="last learning rate of the sweep")
+    g.add_argument("--num-iter", type=_positive_int, default=100, help="steps (rates) of the sweep")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "nesterov", "adam", "adamw"],
+                   help="sweep with the optimizer the training will use")  # fmt: skip
+    g.add_argument("--plot", default="lr_find.png", metavar="PNG", help="plot file (needs matplotlib)")
+    g.add_argument("--no-plot", action="store_true", help="write no plot")
+    g.add_argument("--quiet", action="store_true", help="print only the suggestion")
     lf.set_defaults(func=cmd_lr_find)
 
-    pr = sub.add_parser("predict", help="accuracy and confusion matrix of a saved model",
-                        description="Evaluate a saved model on the test split of a dataset.")  # fmt: skip
-    pr.add_argument("--model", required=True, metavar="model.npz")
-    pr.add_argument("--data", default="mnist", metavar="mnist|digits|DIR")
-    pr.add_argument("--mc-samples", type=_nonneg_int, default=0, help="Monte-Carlo dropout samples (0 = off)")
-    pr.add_argument("--backend", default="auto")
-    pr.add_argument("--seed", type=_nonneg_int, default=0)
+    pr = sub.add_parser("predict", help="predictions, accuracy and confusion matrix of a saved model",
+                        description="Evaluate a saved model on a dataset's test split (accuracy, confusion matrix), "
+                                    "or predict rows of your own (--input) and write labels and probabilities "
+                                    "as CSV (--output).")  # fmt: skip
+    pr.add_argument("--model", required=True, metavar="model.npz", help="a model saved by fastmlp train --out (required)")
+    pr.add_argument("--data", default="mnist", metavar="mnist|digits|DIR",
+                    help="the dataset whose test split is evaluated, when there is no --input")  # fmt: skip
+    pr.add_argument("--input", default=None, metavar="rows.npy|rows.csv",
+                    help="feature rows to predict instead of a test split (.npy, or .csv with an optional header)")
+    pr.add_argument("--input-scale", default="auto", choices=["auto", "none", "pixels"],
+                    help="pixels: scale 0..255 to [-1, 1] as fastmlp train does; auto: do so when the rows are "
+                         "integers in 0..255; none: use the rows as they are")  # fmt: skip
+    pr.add_argument("--output", default=None, metavar="predictions.csv",
+                    help="write one CSV row per input row: label, then the class probabilities (with --mc-samples: "
+                         "their means, standard deviations and the predictive entropy); '-' for stdout; "
+                         "unset: stdout with --input, nothing otherwise")  # fmt: skip
+    pr.add_argument("--mc-samples", type=_nonneg_int, default=0, help="Monte-Carlo dropout passes (0 = off)")
+    pr.add_argument("--mc-dropout", type=_probability, default=None, metavar="RATE",
+                    help="drop probability of hidden units for --mc-samples; unset: the rate the model was "
+                         "trained with (a model trained without dropout needs it)")  # fmt: skip
+    pr.add_argument("--backend", default="auto", help="kernel backend: auto, cython, numba or numpy")
+    pr.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the Monte-Carlo dropout masks")
     pr.set_defaults(func=cmd_predict)
 
     b = sub.add_parser("bench", help="throughput of every backend against the classic NumPy loop",
                        description="Measure GEMM peak and training throughput per backend, dtype and configuration.")  # fmt: skip
     b.add_argument("--quick", action="store_true", help="small data, few rounds: under a minute")
     b.add_argument("--configs", default="abc", help="which configurations (letters from 'abc')")
-    b.add_argument("--backends", default=None, help="comma-separated backends (default: all available)")
-    b.add_argument("--rounds", type=_positive_int, default=None)
-    b.add_argument("--rows", type=_positive_int, default=None, help="training rows per configuration")
-    b.add_argument("--data", default=None, metavar="DIR", help="MNIST directory (default: as load_mnist finds it)")
-    b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--backends", default=None, help="comma-separated backends; unset: all available")
+    b.add_argument("--rounds", type=_positive_int, default=None, help="timing rounds; unset: the benchmark's own")
+    b.add_argument("--rows", type=_positive_int, default=None, help="training rows per configuration; unset: all")
+    b.add_argument("--data", default=None, metavar="DIR", help="MNIST directory; unset: as load_mnist finds it")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON; unset: no file")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch row even if torch is installed")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
     b.set_defaults(func=cmd_bench)
 
-    i = sub.add_parser("info", help="version, backends, threads, BLAS, CPU features, data paths")
+    i = sub.add_parser("info", help="version, backends, threads, BLAS, CPU features, data paths",
+                       description="Version, backends (and why one failed to load), threads, BLAS, CPU features "
+                                   "and where data is looked for.")  # fmt: skip
     i.set_defaults(func=cmd_info)
     for sp in (t, lf, pr, b, i):
-        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as command-line tools do, exit 0."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not fail again
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print("fastmlp: interrupted", file=sys.stderr)
         return 130

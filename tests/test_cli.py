@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import os
 import struct
@@ -62,7 +63,7 @@ def test_digits_fallback_when_mnist_unreachable(tmp_path):
     r = run(["train", "--epochs", "2", "--hidden", "20", "--lr", "1"], tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stderr.splitlines() if "MNIST unavailable" in line]
-    assert len(notes) == 1 and "digits" in notes[0]
+    assert len(notes) == 1 and "digits" in notes[0] and "--data DIR" in notes[0] and "FASTMLP_DATA=DIR" in notes[0]
     assert "Test accuracy:" in r.stdout and "Epoch: 002/002" in r.stdout
 
 
@@ -156,3 +157,112 @@ def test_predict_refuses_a_regression_model(tmp_path):
     Network([64, 1], loss="squared_error", seed=0).save(tmp_path / "reg.npz")
     r = run(["predict", "--model", "reg.npz", "--data", "digits"], tmp_path)
     assert r.returncode == 2 and "regression network" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- predict rows, help, pipes, names
+def test_predict_rows_from_npy_and_csv_to_a_predictions_file(tmp_path, rng):
+    """predict --input rows --output file: one CSV row per input row with the label and the probabilities (as
+    Network.predict_proba gives them); uint8 rows are scaled as train scaled the pixels; --mc-samples adds the
+    means, standard deviations and entropy, and asks for --mc-dropout when the model has no dropout."""
+    from fastmlp import Network
+    from fastmlp.datasets import load_mnist
+
+    _write_idx_dir(tmp_path / "idx", rng)
+    r = run(["train", "--data", "idx", "--hidden", "16", "--epochs", "3", "--lr", "2", "--valid", "0", "--out", "m.npz",
+             "--quiet"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    _, _, X_test, _ = load_mnist(tmp_path / "idx", download=False)
+    rows = X_test[:7]
+    np.save(tmp_path / "rows.npy", rows)
+    np.savetxt(tmp_path / "rows.csv", rows, delimiter=",", fmt="%d", header=",".join(f"px{i}" for i in range(36)),
+               comments="")  # fmt: skip
+    net = Network.load(tmp_path / "m.npz", backend="numpy")
+    expected = net.predict_proba(((rows / 255.0) - 0.5) * 2)
+    for src in ("rows.npy", "rows.csv"):
+        r = run(["predict", "--model", "m.npz", "--input", src, "--output", "p.csv"], tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "scaled to [-1, 1]" in r.stderr and "written to p.csv" in r.stderr
+        lines = (tmp_path / "p.csv").read_text().splitlines()
+        assert lines[0] == "label,p_0,p_1,p_2" and len(lines) == 8
+        table = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+        np.testing.assert_allclose(table[:, 1:], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(table[:, 0], expected.argmax(1))
+    r = run(["predict", "--model", "m.npz", "--input", "rows.npy", "--mc-samples", "5"], tmp_path)
+    assert r.returncode == 2 and "--mc-dropout RATE" in r.stderr and "trained without dropout" in r.stderr
+    assert "dropout=" not in r.stderr  # no Python keyword advice on the command line
+    r = run(["predict", "--model", "m.npz", "--input", "rows.npy", "--mc-samples", "5", "--mc-dropout", "0.3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()  # no --output with --input: the CSV goes to stdout
+    assert lines[0] == "label,mean_0,mean_1,mean_2,std_0,std_1,std_2,entropy" and len(lines) == 8
+    table = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+    np.testing.assert_allclose(table[:, 1:4].sum(1), 1.0, atol=1e-5)
+    assert (table[:, 4:7] > 0).any() and (table[:, 7] >= 0).all()
+    np.save(tmp_path / "wide.npy", np.zeros((2, 5)))
+    r = run(["predict", "--model", "m.npz", "--input", "wide.npy"], tmp_path)
+    assert r.returncode == 2 and "expects 36 features" in r.stderr
+    np.save(tmp_path / "one.npy", np.zeros(36))
+    r = run(["predict", "--model", "m.npz", "--input", "one.npy"], tmp_path)
+    assert r.returncode == 2 and "reshape(1, -1)" in r.stderr
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    from fastmlp.cli import _Formatter, build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subs) >= {"train", "lr-find", "predict", "bench", "info"}
+    for name, sp in subs.items():
+        text = sp.format_help()
+        for action in sp._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and len(action.help) > 10, (name, action.option_strings)
+            shown = _Formatter(name)._get_help_string(action)
+            assert action.required or "default" in shown or "unset" in shown, (name, action.option_strings, shown)
+        if name == "train":
+            assert "learning rate (fastmlp lr-find suggests one) (default: 0.1)" in " ".join(text.split())
+    lf = " ".join(subs["lr-find"].format_help().split())
+    assert "(default: 1e-05)" in lf and "(default: lr_find.png)" in lf
+
+
+def test_a_closed_pipe_ends_quietly_with_exit_0(tmp_path):
+    """`fastmlp info | head -1`: the reader goes away; the command stops without a traceback or an error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastmlp", "info"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    proc.stdout.close()  # before anything is read: the first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+    r = subprocess.run(f"{sys.executable} -m fastmlp info | head -1", shell=True, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    assert r.stdout.startswith("fastmlp ") and r.stderr == ""
+
+
+def test_plot_extra_checked_before_training(tmp_path, rng):
+    """Without matplotlib, --plot fails at once (before the data are loaded), naming the extra to install."""
+    _write_idx_dir(tmp_path / "idx", rng)
+    (tmp_path / "nomatplotlib").mkdir()
+    (tmp_path / "nomatplotlib" / "matplotlib.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "nomatplotlib"), os.environ.get("PYTHONPATH", "")])}
+    for args in (["train", "--epochs", "50", "--plot", "t.png"], ["lr-find"]):
+        r = run([*args, "--data", "idx"], tmp_path, env=env)
+        assert r.returncode == 2 and "needs matplotlib: pip install 'fastmlp[plot]'" in r.stderr, r.stderr
+        assert "Epoch" not in r.stdout and "Data:" not in r.stdout
+    r = run(["lr-find", "--data", "idx", "--no-plot", "--num-iter", "20", "--batch-size", "20"], tmp_path, env=env)
+    assert r.returncode == 0 and "Suggested learning rate" in r.stdout, r.stderr
+
+
+def test_dataset_names_come_from_the_files(tmp_path, rng, monkeypatch, capsys, mnist_path):
+    """A directory of real MNIST is called MNIST, of Fashion-MNIST (its published digests) Fashion-MNIST, of
+    anything else 'IDX files in DIR'."""
+    from fastmlp import cli, datasets
+
+    _write_idx_dir(tmp_path / "idx", rng)
+    assert cli.load_data(str(tmp_path / "idx"))[0] == f"IDX files in {tmp_path / 'idx'}"
+    assert cli.load_data(str(mnist_path))[0] == f"MNIST ({mnist_path})"
+    files = datasets.find_mnist(tmp_path / "idx")
+    fake = {str(p): datasets.KNOWN_MD5["Fashion-MNIST"][p.name] for p in files}
+    real = datasets._digest
+    monkeypatch.setattr(datasets, "_digest", lambda p, alg: fake.get(str(p), "") if alg == "md5" else real(p, alg))
+    assert cli.load_data(str(tmp_path / "idx"))[0] == f"Fashion-MNIST ({tmp_path / 'idx'})"
+    monkeypatch.setenv("FASTMLP_DATA", str(tmp_path / "idx"))
+    assert cli.load_data("mnist")[0] == "Fashion-MNIST"
