@@ -154,7 +154,12 @@ def mc_predict(
         Xb = Xc[start : start + MC_BLOCK]
         b = Xb.shape[0]
         group = max(1, min(n_samples, MC_MAX_ELEMENTS // (b * width)))
-        P = np.empty((n_samples, b, k))
+        # running mean, sum of squared deviations (Chan et al.'s pairwise update) and entropy sum over the
+        # samples: memory stays one group of samples whatever n_samples is
+        count = 0
+        m = np.zeros((b, k))
+        M2 = np.zeros((b, k))
+        ent_sum = np.zeros(b)
         for s0 in range(0, n_samples, group):
             g = min(group, n_samples - s0)
             A = np.empty((g * b, Xb.shape[1]), dtype=dt)
@@ -171,12 +176,19 @@ def mc_predict(
                 Z = np.empty((g * b, W.shape[0]), dtype=dt)
                 raw.forward(A, W, bias, o_code if i == L - 1 else h_code, Z)
                 A = Z
-            P[s0 : s0 + g] = output_to_proba(A.reshape(g, b, k_out), net.output)
-        m = P.mean(axis=0)
+            G = output_to_proba(A.reshape(g, b, k_out), net.output)
+            gm = G.mean(axis=0)
+            gM2 = np.square(G - gm).sum(axis=0)
+            tot = count + g
+            delta = gm - m
+            m += delta * (g / tot)
+            M2 += gM2 + np.square(delta) * (count * g / tot)
+            count = tot
+            ent_sum += _entropy(G).sum(axis=0)
         mean[start : start + b] = m
-        std[start : start + b] = P.std(axis=0)
+        std[start : start + b] = np.sqrt(M2 / count)
         H = _entropy(m)
         entropy[start : start + b] = H
-        mutual[start : start + b] = np.maximum(H - _entropy(P).mean(axis=0), 0.0)  # >= 0 by Jensen
+        mutual[start : start + b] = np.maximum(H - ent_sum / count, 0.0)  # >= 0 by Jensen
     return MCPrediction(mean=mean, std=std, entropy=entropy, mutual_info=mutual, n_samples=n_samples, seed=seed,
                         dropout=drop, input_dropout=in_drop)  # fmt: skip
