@@ -22,6 +22,10 @@ once, at import, from these environment variables (unset means the default):
 ``FASTMLP_NUMBA_CACHE`` (default ``1``)
     Cache compiled kernels on disk (``cache=True``) so that a second process
     loads them instead of compiling; ``NUMBA_CACHE_DIR`` moves the cache.
+    Where Numba finds no writable place for it (the package on a read-only
+    mount and no writable home directory), the backend turns caching off on
+    first use with one warning (:func:`disable_cache`; :data:`CACHE_OFF_REASON`
+    says why) instead of failing inside ``fit``.
 ``FASTMLP_NUMBA_BOUNDSCHECK`` (default ``0``)
     Debug switch: bounds-check every array access (slow).
 
@@ -32,7 +36,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["BOUNDSCHECK", "CACHE", "FASTMATH", "PARALLEL", "fastmath_without_reassoc", "jit_options", "pool_size"]
+__all__ = ["BOUNDSCHECK", "CACHE", "CACHE_OFF_REASON", "FASTMATH", "PARALLEL", "cache_problem", "disable_cache",
+           "fastmath_without_reassoc", "jit_options", "pool_size"]  # fmt: skip
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -75,6 +80,8 @@ PARALLEL: bool = _env_bool("FASTMLP_NUMBA_PARALLEL", True)
 CACHE: bool = _env_bool("FASTMLP_NUMBA_CACHE", True)
 #: bounds-check array accesses (debugging only)
 BOUNDSCHECK: bool = _env_bool("FASTMLP_NUMBA_BOUNDSCHECK", False)
+#: why :data:`CACHE` was turned off at run time (None while it was not)
+CACHE_OFF_REASON: str | None = None
 
 
 def jit_options(*, parallel: bool = False) -> dict[str, object]:
@@ -118,3 +125,51 @@ def pool_size() -> int:
     import numba  # local: this module must stay importable without numba
 
     return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def cache_problem(py_func: object) -> str | None:
+    """Why Numba could not cache ``py_func`` on disk, or None when it can.
+
+    Asks Numba's own cache locators (``$NUMBA_CACHE_DIR``, ``__pycache__`` beside the source, the user's
+    cache directory, ...) exactly as ``cache=True`` would, so that a kernel module whose directory and home
+    are not writable is found out before a compilation raises ``RuntimeError: cannot cache function``.
+
+    Parameters
+    ----------
+    py_func : function
+        A Python function of the module to cache (its source file decides where the cache goes).
+
+    Returns
+    -------
+    str or None
+    """
+    if not callable(py_func) or not hasattr(py_func, "__code__"):
+        raise TypeError(f"py_func must be a Python function, got {type(py_func).__name__}")
+    try:
+        from numba.core.caching import FunctionCache
+    except ImportError:  # a Numba without this module: let cache=True decide
+        return None
+    try:
+        FunctionCache(py_func)
+    except (RuntimeError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def disable_cache(reason: str) -> None:
+    """Compile every kernel compiled from now on without the on-disk cache, with one ``RuntimeWarning``.
+
+    Parameters
+    ----------
+    reason : str
+        Why (kept in :data:`CACHE_OFF_REASON`, shown by ``fastmlp info``).
+    """
+    global CACHE, CACHE_OFF_REASON
+    if not isinstance(reason, str) or not reason:
+        raise TypeError("reason must be a non-empty string")
+    import warnings
+
+    CACHE, CACHE_OFF_REASON = False, reason
+    warnings.warn(f"fastmlp: Numba cannot write its on-disk cache ({reason}); the numba backend compiles without "
+                  "it (each new process compiles again). Set NUMBA_CACHE_DIR to a writable directory to cache, or "
+                  "FASTMLP_NUMBA_CACHE=0 to silence this.", RuntimeWarning, stacklevel=3)  # fmt: skip

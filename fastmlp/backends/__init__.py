@@ -9,14 +9,21 @@ raw kernel.
 
 ``"auto"`` picks the fastest backend that loads (cython, then numba, then
 numpy); ``FASTMLP_BACKEND`` overrides the default.  When "auto" has to fall
-back, the reason is logged once.
+back, the reason is logged once.  It also watches the first call of each
+kernel (per dtype) of the backend it stands on: a compiled backend that
+imported but fails there (a library it cannot load, a kernel Numba cannot
+compile) is then given up for the next one, once and with the reason logged;
+the call is repeated on the next backend (parameters restored first) and
+:func:`backend_errors` reports the failure from then on.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -38,6 +45,7 @@ from fastmlp.backends.contract import (
 _MAX_COUNTER = 2**63 - 1
 
 __all__ = [
+    "AutoBackend",
     "Backend",
     "EpochPlan",
     "EpochStats",
@@ -62,6 +70,13 @@ _AUTO_ORDER = ("cython", "numba", "numpy")
 _cache: dict[str, Backend] = {}
 _errors: dict[str, str] = {}
 _fallback_logged = False
+_auto: AutoBackend | None = None
+_auto_lock = threading.Lock()
+#: the raw kernels whose first call per dtype 'auto' watches
+_WATCHED = frozenset({"forward", "output_delta", "hidden_delta", "inplace_update", "dropout_mask", "forward_network",
+                      "train_epoch"})  # fmt: skip
+#: errors about the arguments rather than the backend: 'auto' does not fall back on them
+_CALLER_ERRORS = (ValueError, TypeError, ArithmeticError, MemoryError)
 
 
 class Backend:
@@ -488,7 +503,7 @@ def get_backend(name: str | Backend | None = "auto") -> Backend:
     ImportError
         When the named backend cannot load here (the message says why).
     """
-    global _fallback_logged
+    global _fallback_logged, _auto
     if isinstance(name, Backend):
         return name
     if name is None or name == "auto":
@@ -502,6 +517,8 @@ def get_backend(name: str | Backend | None = "auto") -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, _MODULES))}")
     if name != "auto":
         return _load(name)
+    if _auto is not None:
+        return _auto
     skipped = []
     for cand in _AUTO_ORDER:
         try:
@@ -513,5 +530,139 @@ def get_backend(name: str | Backend | None = "auto") -> Backend:
             _fallback_logged = True
             reasons = "; ".join(f"{s}: {_errors[s]}" for s in skipped)
             logger.warning("fastmlp: backend 'auto' falls back to %r (%s)", cand, reasons)
-        return be
+        with _auto_lock:
+            if _auto is None:
+                _auto = AutoBackend(be)
+        return _auto
     raise ImportError("no fastmlp backend could be loaded")  # numpy always loads; unreachable in practice
+
+
+class AutoBackend(Backend):
+    """``get_backend('auto')``: the fastest backend that loads, given up for the next one if it fails when
+    first used.
+
+    It validates as every :class:`Backend` and runs the kernels of the backend it stands on (``name`` is that
+    backend's).  Until a kernel has run once for a dtype, an exception from it other than a ``ValueError``,
+    ``TypeError``, ``ArithmeticError`` or ``MemoryError`` (which concern the arguments) marks the backend as
+    failed (:func:`backend_errors` says why, :func:`available_backends` leaves it out), logs the fallback
+    once, restores the parameters a training call may have changed, and repeats the call on the next backend
+    of the order; the NumPy reference, last, is never given up.
+
+    Parameters
+    ----------
+    backend : Backend
+        The backend to start on.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a Backend, got {type(backend).__name__}")
+        self._current = backend
+        self._proven: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+        self._guard = _FirstUseGuard(self)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """The name of the backend now in use."""
+        return self._current.name
+
+    @property
+    def _raw(self) -> ModuleType:  # type: ignore[override]
+        return self._guard  # type: ignore[return-value]
+
+    @property
+    def current(self) -> Backend:
+        """The backend now in use."""
+        return self._current
+
+    def _call(self, fn: str, *args: object) -> object:
+        be = self._current
+        key = (be.name, fn, _dtype_name(args))
+        if key in self._proven:
+            return getattr(be.raw, fn)(*args)
+        saved = _snapshot(fn, args)
+        try:
+            out = getattr(be.raw, fn)(*args)
+        except _CALLER_ERRORS:
+            raise
+        except Exception as exc:
+            if not self._give_up(be, fn, exc):
+                raise
+            _restore(saved)
+            return self._call(fn, *args)
+        self._proven.add(key)
+        return out
+
+    def _give_up(self, be: Backend, fn: str, exc: Exception) -> bool:
+        """Move past ``be`` after its first ``fn`` raised ``exc``; False when there is nothing to move to."""
+        with self._lock:
+            if self._current is not be:  # another thread moved on already
+                return True
+            if be.name not in _AUTO_ORDER or be.name == _AUTO_ORDER[-1]:
+                return False
+            reason = f"failed at its first {fn}: {type(exc).__name__}: {exc}"
+            nxt = None
+            for cand in _AUTO_ORDER[_AUTO_ORDER.index(be.name) + 1 :]:
+                try:
+                    nxt = _load(cand)
+                    break
+                except ImportError:
+                    continue
+            if nxt is None:
+                return False
+            _errors[be.name] = reason
+            _cache.pop(be.name, None)
+            logger.warning("fastmlp: backend 'auto' falls back from %r to %r: %r %s", be.name, nxt.name, be.name, reason)
+            self._current = nxt
+            return True
+
+
+class _FirstUseGuard:
+    """What :attr:`AutoBackend.raw` returns: the raw module of the backend in use, its watched kernels
+    routed through :meth:`AutoBackend._call`; setting an attribute sets it on that module."""
+
+    def __init__(self, auto: AutoBackend) -> None:
+        object.__setattr__(self, "_auto", auto)
+
+    def __getattr__(self, name: str) -> object:
+        auto = object.__getattribute__(self, "_auto")
+        attr = getattr(auto.current.raw, name)
+        if name in _WATCHED and callable(attr):
+            return functools.partial(auto._call, name)
+        return attr
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(object.__getattribute__(self, "_auto").current.raw, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(object.__getattribute__(self, "_auto").current.raw, name)
+
+    def __repr__(self) -> str:
+        return f"<raw kernels of {object.__getattribute__(self, '_auto').current.name!r}, first calls watched>"
+
+
+def _dtype_name(args: tuple) -> str:
+    for a in args:
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+            return a.dtype.name
+    return ""
+
+
+def _snapshot(fn: str, args: tuple) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Copies of what a watched kernel writes besides its output buffer (the parameters and the optimizer
+    state of a training call), to undo a failed first call with."""
+    if fn == "train_epoch":
+        weights, biases, state = args[3], args[4], args[5]
+        return [(a, a.copy()) for a in (*weights, *biases, *state.arrays())] + [(state, state.t)]  # type: ignore[list-item]
+    if fn == "inplace_update":
+        return [(args[0], args[0].copy()), (args[1], args[1].copy())]  # type: ignore[attr-defined]
+    return None
+
+
+def _restore(saved: list | None) -> None:
+    for target, value in saved or ():
+        if isinstance(target, np.ndarray):
+            target[...] = value
+        else:  # the optimizer state's step count
+            target.t = value

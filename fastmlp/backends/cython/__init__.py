@@ -118,6 +118,25 @@ def cpu_has_avx512() -> bool:
 
 
 _VARIANTS = ("avx512", "avx2", "baseline")
+#: written by setup.py beside the kernels when it could not compile them (no compiler, a compiler error)
+_NOT_BUILT = "NOT_BUILT.txt"
+
+
+def _fix_for(errors: list[str]) -> str:
+    """What to do about the load errors: install the OpenMP runtime, or a compiler, or build the kernels."""
+    text = " ".join(errors)
+    if "libgomp" in text:
+        return ("the GNU OpenMP runtime is missing: install it (Debian/Ubuntu: `apt-get install libgomp1`; "
+                "Fedora/RHEL: `dnf install libgomp`; Alpine: `apk add libgomp`)")  # fmt: skip
+    try:
+        with open(os.path.join(os.path.dirname(__file__), _NOT_BUILT)) as f:
+            why = " ".join(f.read().split())
+    except OSError:
+        why = ""
+    if why:
+        return (f"they were not compiled when fastmlp was installed ({why}); install a C compiler (Debian/Ubuntu: "
+                "`apt-get install gcc`) and reinstall fastmlp, or use the numba or numpy backend")  # fmt: skip
+    return "build them with `python setup.py build_ext --inplace` or reinstall with `pip install .`"
 
 
 def _load() -> tuple[ModuleType, str]:
@@ -137,13 +156,11 @@ def _load() -> tuple[ModuleType, str]:
         except ImportError as exc:
             errors.append(f"{variant}: {exc}")
             if isa != "auto":
-                raise ImportError(f"the {variant} build of the Cython kernels does not load: {exc}") from exc
+                raise ImportError(f"the {variant} build of the Cython kernels does not load: {exc}; "
+                                  f"{_fix_for(errors)}") from exc  # fmt: skip
             continue
         return mod, variant
-    raise ImportError(
-        f"the Cython kernels are not built or do not load ({'; '.join(errors)}); build them with "
-        "`python setup.py build_ext --inplace` or reinstall with `pip install .`"
-    )
+    raise ImportError(f"the Cython kernels are not built or do not load ({'; '.join(errors)}); {_fix_for(errors)}")
 
 
 _k, VARIANT = _load()

@@ -71,6 +71,10 @@ def _k():
             if _kernels is None:
                 from fastmlp.backends.numba import kernels
 
+                if config.CACHE:  # a cache Numba cannot write would fail every compilation: do without it
+                    problem = config.cache_problem(kernels.forward.py_func)
+                    if problem:
+                        config.disable_cache(problem)
                 _kernels = kernels
     return _kernels
 
@@ -317,5 +321,7 @@ def _epoch(X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights: list[np.nda
 
 def describe() -> str:
     """One line on the Numba settings, for ``fastmlp info``."""
+    _k()  # finds out whether the on-disk cache can be written
     return (f"numba {numba.__version__}, parallel {'on' if config.PARALLEL else 'off'}, "
-            f"{config.pool_size()} threads, fastmath {config.FASTMATH!r}, cache {'on' if config.CACHE else 'off'}")  # fmt: skip
+            f"{config.pool_size()} threads, fastmath {config.FASTMATH!r}, cache {'on' if config.CACHE else 'off'}"
+            f"{f' ({config.CACHE_OFF_REASON})' if config.CACHE_OFF_REASON else ''}")  # fmt: skip
