@@ -128,15 +128,20 @@ def _fix_for(errors: list[str]) -> str:
     if "libgomp" in text:
         return ("the GNU OpenMP runtime is missing: install it (Debian/Ubuntu: `apt-get install libgomp1`; "
                 "Fedora/RHEL: `dnf install libgomp`; Alpine: `apk add libgomp`)")  # fmt: skip
-    try:
-        with open(os.path.join(os.path.dirname(__file__), _NOT_BUILT)) as f:
-            why = " ".join(f.read().split())
-    except OSError:
-        why = ""
+    why = _not_built_note()
     if why:
         return (f"they were not compiled when fastmlp was installed ({why}); install a C compiler (Debian/Ubuntu: "
                 "`apt-get install gcc`) and reinstall fastmlp, or use the numba or numpy backend")  # fmt: skip
     return "build them with `python setup.py build_ext --inplace` or reinstall with `pip install .`"
+
+
+def _not_built_note() -> str:
+    """What setup.py recorded when it could not compile the kernels ('' when it compiled them)."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), _NOT_BUILT)) as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return ""
 
 
 def _load() -> tuple[ModuleType, str]:
@@ -160,6 +165,8 @@ def _load() -> tuple[ModuleType, str]:
                                   f"{_fix_for(errors)}") from exc  # fmt: skip
             continue
         return mod, variant
+    if errors and all("No module named" in e for e in errors) and _not_built_note():  # never compiled: say why
+        raise ImportError("the Cython kernels" + _fix_for(errors).removeprefix("they"))
     raise ImportError(f"the Cython kernels are not built or do not load ({'; '.join(errors)}); {_fix_for(errors)}")
 
 
