@@ -664,6 +664,12 @@ class Network:
             net.optimizer_state_ = state
         return net
 
+    def to_onnx(self, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+        """The network as an ONNX model, written to ``path`` if given: :func:`fastmlp.onnx.to_onnx` (needs ``fastmlp[onnx]``)."""
+        from fastmlp.onnx import to_onnx
+
+        return to_onnx(self, path, **kwargs)
+
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"its metadata holds {name}, which fastmlp never writes")

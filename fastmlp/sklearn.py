@@ -24,7 +24,7 @@ optimizers and stopping rule).
 fastmlp's own options are further keyword arguments: ``dropout``,
 ``input_dropout``, ``l1``, ``dtype`` (None: float32 input trains in float32,
 anything else in float64, as scikit-learn), ``backend``, ``n_threads`` (a cap
-of the threads of fit and predict; None: 1 inside a joblib worker, else no
+of the threads of fit and predict; None: 1 inside a joblib or Dask worker, else no
 cap) and ``callbacks``.  ``solver='lbfgs'`` minimises the full-batch loss with
 ``scipy.optimize.minimize(method='L-BFGS-B')`` on fastmlp's compiled loss and
 gradient.  Sparse input is accepted and densified.
@@ -35,6 +35,7 @@ This is the only module of fastmlp that imports scikit-learn.
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -75,6 +76,19 @@ def _in_joblib_worker() -> bool:
         return False
     backend, _ = get_active_backend()
     return (getattr(backend, "nesting_level", 0) or 0) >= 1
+
+
+def _in_dask_worker() -> bool:
+    """True inside a task of a ``dask.distributed`` worker (joblib's dask backend, ``client.submit``, dask-ml):
+    there joblib's nesting level says nothing, the worker's own threads share its cores."""
+    distributed = sys.modules.get("distributed")  # never imported here: if it is not loaded, this is no worker
+    if distributed is None:
+        return False
+    try:
+        distributed.get_worker()
+    except (ValueError, AttributeError):  # "No worker found"
+        return False
+    return True
 
 
 class _SolverRate:
@@ -193,10 +207,10 @@ class _BaseMLP(BaseEstimator):
 
     # ---------------------------------------------------------------- helpers
     def _threads(self) -> int | None:
-        """The thread cap for this call: ``n_threads``, else 1 inside a joblib worker, else none."""
+        """The thread cap for this call: ``n_threads``, else 1 inside a joblib or Dask worker, else none."""
         if self.n_threads is not None:
             return int(self.n_threads)
-        return 1 if _in_joblib_worker() else None
+        return 1 if _in_joblib_worker() or _in_dask_worker() else None
 
     def _dtype(self, X_dtype: np.dtype) -> np.dtype:
         if self.dtype is None:
@@ -535,7 +549,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     backend : {'auto', 'cython', 'numba', 'numpy'}, default='auto'
         fastmlp: the kernel backend.
     n_threads : int or None, default=None
-        fastmlp: cap of the threads of fit and predict (None: 1 inside a joblib worker, else no cap).
+        fastmlp: cap of the threads of fit and predict (None: 1 inside a joblib or Dask worker, else no cap).
     callbacks : list of fastmlp.callbacks.Callback, default=None
         fastmlp: extra fit callbacks.
 
@@ -728,6 +742,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         tags.classifier_tags.multi_label = True
         return tags
 
+    # skl2onnx's converter protocol: skl2onnx.to_onnx(clf, X[:1]) finds the converter here (see fastmlp.onnx)
+    def onnx_shape_calculator(self) -> Any:
+        """skl2onnx: the shape calculator of this estimator's ONNX graph (``label``, ``probabilities``)."""
+        from fastmlp.onnx import classifier_shape_calculator
+
+        return classifier_shape_calculator
+
+    def onnx_converter(self) -> Any:
+        """skl2onnx: the converter that writes this estimator's network into an ONNX graph."""
+        from fastmlp.onnx import classifier_converter
+
+        return classifier_converter
+
 
 class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor: scikit-learn's ``MLPRegressor`` on fastmlp's compiled kernels.
@@ -867,6 +894,19 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self : object
         """
         return self._fit(X, y, sample_weight=sample_weight, incremental=True)  # type: ignore[return-value]
+
+    # skl2onnx's converter protocol: skl2onnx.to_onnx(reg, X[:1]) finds the converter here (see fastmlp.onnx)
+    def onnx_shape_calculator(self) -> Any:
+        """skl2onnx: the shape calculator of this estimator's ONNX graph (``variable``)."""
+        from fastmlp.onnx import regressor_shape_calculator
+
+        return regressor_shape_calculator
+
+    def onnx_converter(self) -> Any:
+        """skl2onnx: the converter that writes this estimator's network into an ONNX graph."""
+        from fastmlp.onnx import regressor_converter
+
+        return regressor_converter
 
 
 def __getattr__(name: str) -> Any:
