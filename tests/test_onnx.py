@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 import fastmlp
 
@@ -225,3 +230,14 @@ def test_zz_report_round_trip_differences(capsys):
         for key, err in sorted(DIFFS.items()):
             print(f"  {key:28s} {err:.3g}")
     assert all(err <= TOL[key.rsplit(" ", 1)[1]] for key, err in DIFFS.items())
+
+
+def test_readme_onnx_example_runs_as_written(tmp_path, skl2onnx):
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S) if "to_onnx" in b]
+    assert len(blocks) == 1
+    res = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    first, second = res.stdout.split("\n")[:2]
+    assert float(first) <= 1e-5 and second.startswith("True ") and float(second.split()[1]) <= 1e-5, res.stdout
