@@ -9,17 +9,23 @@ The compiled epoch runs every minibatch in one call, so a bar cannot move step
 by step.  With a bar the fit therefore runs an epoch in a few *chunks* of
 consecutive steps, each one compiled call (same rows, same rates, same dropout
 masks, same weights as one call: the steps do not depend on how they are
-grouped), sized so that a chunk takes about :data:`CHUNK_SECONDS`.  An epoch
-shorter than two chunks runs in one call and its bar fills at once.  Chunks
-cost one call's fixed overhead each (checks of the parameters, well under a
-millisecond), i.e. far below 1 % at that size; ``verbose=0`` and ``verbose=2``
-never chunk.
+grouped).  A call has a fixed cost besides its steps (checks of the parameters,
+the kernel's set-up: from well under a millisecond for 784-256-10 to ~0.15 s for
+784-1024-1024-10 on the Cython backend), so the chunk size is planned from the
+calls' measured times ``t = F + S·steps`` (least squares over this fit's calls;
+the first epoch starts with a short probe so that both are known): a chunk takes
+at least :data:`CHUNK_SECONDS` and at least ``(1/OVERHEAD - 1)·F/S`` steps, so the
+extra calls cost at most :data:`OVERHEAD` (1 %) of an epoch; an epoch shorter than
+two chunks runs in one call and its bar fills at once.  ``verbose=0`` and
+``verbose=2`` never chunk.
 """
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from fastmlp.history import History
@@ -32,6 +38,8 @@ CHUNK_SECONDS = 0.25
 MAX_CHUNKS = 100
 #: the first epoch (no timing yet) starts with a probe of this fraction of its steps
 PROBE_FRACTION = 1 / 50
+#: the most the extra calls of a chunked epoch may cost, as a fraction of its time
+OVERHEAD = 0.01
 
 
 def epoch_line(hist: History, total: int) -> str:
@@ -83,7 +91,9 @@ class EpochProgress:
         if self.verbose == 1 and self.tqdm is None:  # pragma: no cover - tqdm is a dependency
             self.verbose = 2
         self.bar: Any = None
-        self.step_seconds: float | None = None  # measured wall time of one step
+        self.step_seconds: float | None = None  # S: measured wall time of one step
+        self.call_seconds = 0.0  # F: the fixed cost of a call
+        self._timings: list[tuple[int, float]] = []
 
     @property
     def chunked(self) -> bool:
@@ -104,13 +114,31 @@ class EpochProgress:
         left = self.n_steps - done
         if not self.chunked or self.step_seconds is None or self.step_seconds <= 0:
             return left
-        size = max(1, math.ceil(self.n_steps / MAX_CHUNKS), int(CHUNK_SECONDS / self.step_seconds))
+        if len({k for k, _ in self._timings}) < 2:  # a second probe, of another size: F and S apart
+            probe = 2 * self._timings[-1][0]
+            return left if left < 2 * probe else probe
+        S, F = self.step_seconds, self.call_seconds
+        size = max(1, math.ceil(self.n_steps / MAX_CHUNKS), math.ceil(CHUNK_SECONDS / S),
+                   math.ceil((1 / OVERHEAD - 1) * F / S))  # fmt: skip
         return left if left < 2 * size else size
 
     def timed(self, steps: int, seconds: float) -> None:
-        """Record that ``steps`` steps took ``seconds``."""
-        if steps > 0:
-            self.step_seconds = seconds / steps
+        """Record that a call of ``steps`` steps took ``seconds``; refit ``seconds = F + S·steps``."""
+        if steps <= 0:
+            return
+        self._timings.append((steps, seconds))
+        k = np.array([t[0] for t in self._timings], dtype=np.float64)
+        t = np.array([t[1] for t in self._timings], dtype=np.float64)
+        if np.ptp(k) > 0:
+            S, F = np.polyfit(k, t, 1)
+            if S > 0 and F >= 0:
+                self.step_seconds, self.call_seconds = float(S), float(F)
+                return
+            if S > 0:  # a negative fixed cost is noise: no fixed cost
+                self.step_seconds, self.call_seconds = float(t.sum() / k.sum()), 0.0
+                return
+        if self.step_seconds is None:
+            self.step_seconds = float(t.sum() / k.sum())
 
     # ------------------------------------------------------------------ display
     def start_epoch(self, number: int) -> None:

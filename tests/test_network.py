@@ -503,7 +503,8 @@ def test_bar_runs_epochs_in_chunks_that_train_the_same_weights(backend, rng, mon
         return real(self, order, *args)
 
     monkeypatch.setattr(PreparedEpochs, "__call__", counting)
-    monkeypatch.setattr(progress, "CHUNK_SECONDS", 1e-9)  # as many chunks as allowed
+    monkeypatch.setattr(progress, "CHUNK_SECONDS", 1e-9)  # as many chunks as allowed,
+    monkeypatch.setattr(progress, "OVERHEAD", 1.0)  # whatever a call costs
     kw = dict(epochs=3, batch_size=7, lr=1e-2, optimizer="adam", dropout=0.3, input_dropout=0.1, seed=4)
     chunked = Network([8, 16, 3], activation="relu", loss="ce", backend=backend, seed=0)
     h1 = chunked.fit(X, y, verbose=1, **kw)
@@ -520,10 +521,37 @@ def test_bar_runs_epochs_in_chunks_that_train_the_same_weights(backend, rng, mon
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("F,S,calls_after_the_first_epoch", [(0.15, 0.048, 1), (0.0008, 0.0024, 3), (0.0, 0.01, 15)])
+def test_chunks_are_planned_from_the_measured_cost_of_a_call(F, S, calls_after_the_first_epoch):
+    """Calls take F + S*steps: chunks last at least CHUNK_SECONDS and the extra calls cost at most OVERHEAD of
+    an epoch (a network whose call costs three steps is not chunked at all); the first epoch probes twice."""
+    from fastmlp import progress
+
+    p = progress.EpochProgress(1, total=3, n_steps=400)
+    for epoch in range(3):
+        sizes, done = [], 0
+        while done < 400:
+            k = p.first_chunk() if done == 0 else p.next_chunk(done)
+            sizes.append(k)
+            p.timed(k, F + S * k)
+            done += k
+        assert sum(sizes) == 400
+        if epoch == 0:
+            assert sizes[:2] == [8, 16]  # the probes: 2 % of the steps, then twice that
+        else:
+            assert len(sizes) == calls_after_the_first_epoch, sizes
+            assert (len(sizes) - 1) * F <= progress.OVERHEAD * (F + S * 400) + 1e-12
+            assert min(S * k for k in sizes) >= progress.CHUNK_SECONDS * 0.99 or len(sizes) == 1
+    assert p.call_seconds == pytest.approx(F, abs=1e-9) and p.step_seconds == pytest.approx(S, rel=1e-9)
+    for verbose in (0, 2):
+        assert progress.EpochProgress(verbose, 3, 400).first_chunk() == 400  # only a bar chunks
+
+
 def test_a_chunked_epoch_that_diverges_keeps_the_last_finite_weights(rng, monkeypatch, capsys):
     from fastmlp import progress
 
     monkeypatch.setattr(progress, "CHUNK_SECONDS", 1e-9)
+    monkeypatch.setattr(progress, "OVERHEAD", 1.0)
     X, y = _blobs(rng, n=300)
     net = Network([8, 6, 3], activation="identity", output="identity", loss="squared_error", backend="numpy", seed=0)
     t = np.eye(3)[y] * 1e3
