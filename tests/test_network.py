@@ -690,6 +690,12 @@ def test_model_files_get_the_umask_mode_and_keep_a_symlink(tmp_path):
     assert (tmp_path / "link.npz").is_symlink() and (tmp_path / "real" / "target.npz").is_file()
     assert ((tmp_path / "real" / "target.npz").stat().st_mode & 0o777) == 0o644
     assert Network.load(tmp_path / "link").config() == net.config()  # load finds link.npz as save named it
+    os.umask(0o027)
+    try:  # checkpoints too
+        net.fit(np.eye(3), np.array([0, 1, 0]), epochs=1, verbose=0, checkpoint=tmp_path / "ck.npz")
+    finally:
+        os.umask(old)
+    assert ((tmp_path / "ck.npz").stat().st_mode & 0o777) == 0o640
 
 
 def test_file_errors_name_the_file_never_a_temp_file_or_numpy_advice(tmp_path):
