@@ -364,7 +364,7 @@ class _BaseMLP(BaseEstimator):
                     lr=rate, optimizer=opt, X_valid=X_val, y_valid=Y_val, sample_weight=sw_train,
                     valid_sample_weight=sw_val, shuffle=orders, verbose=False, alpha=float(self.alpha),
                     l1=float(self.l1), dropout=float(self.dropout), input_dropout=float(self.input_dropout),
-                    callbacks=cbs, on_divergence="raise",
+                    callbacks=cbs, on_divergence="raise", warn=False,
                 )  # fmt: skip
         except FloatingPointError:
             raise ValueError("Solver produced non-finite parameter weights. The input data may contain large values "
