@@ -415,7 +415,8 @@ def test_early_stopping_validation(rng):
     with pytest.raises(ValueError, match="validation data"):
         net.fit(X, y, epochs=2, batch_size=10, early_stopping=EarlyStopping(2, monitor="valid_acc"), verbose=False)
     with pytest.raises(ValueError, match="monitor"):
-        EarlyStopping(monitor="loss")
+        EarlyStopping(monitor="val_f1")
+    assert EarlyStopping(monitor="loss").monitor == "train_loss"  # Keras's names are accepted
     with pytest.raises(ValueError, match="convention"):
         EarlyStopping(convention="pytorch")
     with pytest.raises(ValueError, match="patience"):
