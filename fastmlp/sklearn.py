@@ -35,6 +35,7 @@ This is the only module of fastmlp that imports scikit-learn.
 from __future__ import annotations
 
 import numbers
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -76,6 +77,17 @@ def _in_joblib_worker() -> bool:
         return False
     backend, _ = get_active_backend()
     return (getattr(backend, "nesting_level", 0) or 0) >= 1
+
+
+def _lbfgs_iprint(iprint: int) -> dict[str, int]:
+    """L-BFGS-B's ``iprint`` option where SciPy still takes it (< 1.15), as scikit-learn >= 1.8 passes it
+    (``sklearn.utils.fixes._get_additional_lbfgs_options_dict``, which older scikit-learn lacks)."""
+    try:
+        from sklearn.utils.fixes import _get_additional_lbfgs_options_dict
+    except ImportError:
+        major, minor = (int(re.match(r"\d+", p).group()) for p in scipy.__version__.split(".")[:2])
+        return {} if (major, minor) >= (1, 15) else {"iprint": iprint}
+    return _get_additional_lbfgs_options_dict("iprint", iprint)
 
 
 def _in_dask_worker() -> bool:
@@ -424,9 +436,7 @@ class _BaseMLP(BaseEstimator):
         theta0 = np.concatenate([W.T.ravel() for W in net.weights] + [b for b in net.biases])
         iprint = 1 if self.verbose is True or self.verbose >= 1 else -1
         options = {"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol}
-        from sklearn.utils.fixes import _get_additional_lbfgs_options_dict
-
-        options.update(_get_additional_lbfgs_options_dict("iprint", iprint))
+        options.update(_lbfgs_iprint(iprint))
         res = scipy.optimize.minimize(loss_grad, theta0, method="L-BFGS-B", jac=True, options=options)
         self.n_iter_ = _check_optimize_result("lbfgs", res, self.max_iter)
         self.loss_ = float(res.fun)

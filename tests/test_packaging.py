@@ -108,3 +108,18 @@ def test_repaired_wheel_is_manylinux_2_31_with_libgomp_bundled():
     assert kernels and (m.group(3) != "x86_64" or len(kernels) == 3), kernels
     assert any(n.endswith("licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
     assert "License-Expression: MIT" in meta and "Requires-Dist: scikit-learn>=1.6" in meta
+
+
+def test_lbfgs_options_without_the_scikit_learn_1_8_helper(monkeypatch):
+    """The floor is scikit-learn 1.6: before 1.8 it has no _get_additional_lbfgs_options_dict, and the
+    estimators pass L-BFGS-B's iprint by the same rule themselves (SciPy >= 1.15 dropped it)."""
+    import scipy
+    import sklearn.utils.fixes
+
+    from fastmlp.sklearn import _lbfgs_iprint
+
+    monkeypatch.delattr(sklearn.utils.fixes, "_get_additional_lbfgs_options_dict", raising=False)
+    monkeypatch.setattr(scipy, "__version__", "1.11.0")
+    assert _lbfgs_iprint(-1) == {"iprint": -1}
+    monkeypatch.setattr(scipy, "__version__", "1.15.0rc1")
+    assert _lbfgs_iprint(1) == {}
