@@ -1,4 +1,4 @@
-"""The ``fastmlp`` command: train, lr-find, predict, bench, info.
+"""The ``fastmlp`` command: train, lr-find, predict, bench, info, export.
 
 Every user error (a wrong path, a corrupt file, an unknown backend, a bad
 hyper-parameter) ends with one line on stderr and exit code 2; ``--debug``
@@ -603,7 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Version, backends (and why one failed to load), threads, BLAS, CPU features "
                                    "and where data is looked for.")  # fmt: skip
     i.set_defaults(func=cmd_info)
-    for sp in (t, lf, pr, b, i):
+    from fastmlp import onnx as _onnx
+
+    ex = sub.add_parser("export", help="write a saved model as an ONNX file",
+                        description="Export a network saved by fastmlp train --out (or Network.save) to ONNX; "
+                                    "needs onnx (pip install 'fastmlp[onnx]'), and onnxruntime for the check.")  # fmt: skip
+    _onnx.add_export_arguments(ex)
+    ex.set_defaults(func=_onnx.export_command)
+    for sp in (t, lf, pr, b, i, ex):
         sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 

@@ -35,7 +35,7 @@ def _write_idx_dir(d, rng, n_train=400, n_test=100, side=6, n_classes=3):
 
 
 def test_help_on_every_subcommand(tmp_path):
-    for sub in ([], ["train"], ["lr-find"], ["predict"], ["bench"], ["info"]):
+    for sub in ([], ["train"], ["lr-find"], ["predict"], ["bench"], ["info"], ["export"]):
         r = run([*sub, "--help"], tmp_path)
         assert r.returncode == 0 and "usage: fastmlp" in r.stdout
 
@@ -266,3 +266,22 @@ def test_dataset_names_come_from_the_files(tmp_path, rng, monkeypatch, capsys, m
     assert cli.load_data(str(tmp_path / "idx"))[0] == f"Fashion-MNIST ({tmp_path / 'idx'})"
     monkeypatch.setenv("FASTMLP_DATA", str(tmp_path / "idx"))
     assert cli.load_data("mnist")[0] == "Fashion-MNIST"
+
+
+def test_export_writes_onnx_or_says_what_to_install(tmp_path):
+    """`fastmlp export MODEL OUT.onnx` (fastmlp.onnx's command): an ONNX file where onnx is installed, else one
+    line naming what to install, exit 2."""
+    import importlib.util
+
+    from fastmlp import Network
+
+    Network([4, 3, 2], loss="ce", seed=0).save(tmp_path / "m.npz")
+    r = run(["export", "m.npz", "m.onnx", "--no-check"], tmp_path)
+    if importlib.util.find_spec("onnx") is None:
+        assert r.returncode == 2 and "onnx" in r.stderr and "Traceback" not in r.stderr
+        assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
+    else:
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "m.onnx").stat().st_size > 100 and "Exported" in r.stdout
+    r = run(["export", "missing.npz", "x.onnx"], tmp_path)
+    assert r.returncode == 2 and "missing.npz" in r.stderr
