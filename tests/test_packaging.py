@@ -37,10 +37,9 @@ def sdist(tmp_path_factory) -> Path:
     if not (ROOT / "setup.py").is_file():
         pytest.skip("not run from a source tree with setup.py")
     try:
+        import build  # noqa: F401
         import Cython  # noqa: F401
         import setuptools
-
-        import build  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"set FASTMLP_SDIST or install the build tools (pip install build Cython): {exc}")
     if int(setuptools.__version__.split(".")[0]) < 77:
