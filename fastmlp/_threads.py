@@ -13,6 +13,12 @@
   can be many times slower than a one-thread epoch (each step waits at two
   barriers for a thread that may not be running): :class:`ThreadChoice` times
   both now and then and keeps the faster; the choice never changes results.
+* **Fork safety.**  GNU OpenMP cannot be used in a child forked from a process
+  that already ran an OpenMP team (the child hangs in the next parallel region;
+  Numba kills it), which is what ``multiprocessing``'s default ``fork`` start
+  method does.  A child forked after fastmlp ran threads therefore trains on
+  one thread (:func:`forked_after_threads`); ``spawn`` and ``forkserver``
+  children start fresh and get the whole budget.
 * **The BLAS pin.**  Two levels of threads on few cores oversubscribe badly
   (two OpenMP threads each calling a two-thread BLAS: 15 s instead of 0.19 s an
   epoch), so while our threads run, the BLAS libraries are held on one thread
@@ -35,6 +41,7 @@ __all__ = [
     "blas_pinned",
     "cpu_count",
     "env_threads",
+    "forked_after_threads",
     "max_threads",
     "n_blocks",
     "thread_budget",
@@ -122,8 +129,40 @@ def env_threads() -> int | None:
     return value
 
 
+# ------------------------------------------------------------------------------ fork safety
+#: set once this process ran a compiled kernel on more than one thread (an OpenMP team or Numba's pool)
+_threads_used = False
+#: set in a child forked after that: its OpenMP runtime is unusable, every epoch runs on one thread
+_forked_after_threads = False
+
+
+def note_threads_used(n: int) -> None:
+    """Called by the backends before they run ``n`` threads (an OpenMP team, Numba's parallel pool)."""
+    global _threads_used
+    if n > 1:
+        _threads_used = True
+
+
+def forked_after_threads() -> bool:
+    """Whether this process was forked from one that had run fastmlp's threads (then: one thread)."""
+    return _forked_after_threads
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_threads
+    if _threads_used:
+        _forked_after_threads = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def thread_budget() -> int:
-    """Threads a compiled epoch may use now: ``$FASTMLP_NUM_THREADS`` (default: the CPUs), under the active cap."""
+    """Threads a compiled epoch may use now: ``$FASTMLP_NUM_THREADS`` (default: the CPUs), under the active
+    cap; one in a child forked after the parent ran threads (see the module's notes on fork safety)."""
+    if _forked_after_threads:
+        return 1
     env = env_threads()
     n = cpu_count() if env is None else env
     cap = _cap.get()

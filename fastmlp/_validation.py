@@ -120,15 +120,38 @@ def check_seed(seed: object, name: str = "seed") -> int | None:
 MAX_DIM = 2**31 - 1
 
 
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: the Cython kernels' exponent-bit scan (one pass, no temporary, no floating-point flags), once found
+_FAST_FINITE: list = []
+
+
+def _compiled_all_finite():
+    """The compiled ``all_finite(list_of_arrays)`` of the Cython backend's loaded build, or None without one."""
+    if not _FAST_FINITE:
+        fn = None
+        try:
+            from fastmlp.backends import cython as _cy
+
+            fn = getattr(_cy._k, "all_finite", None)
+        except Exception:  # not built, or failed to load: the NumPy road below
+            fn = None
+        _FAST_FINITE.append(fn)
+    return _FAST_FINITE[0]
+
+
 def all_finite(a: np.ndarray) -> bool:
     """Whether a float array holds no NaN or infinity, without a temporary of its size.
 
-    One summation pass decides almost every array (NaN and Inf propagate into
-    the sum); only when the sum is not finite (which a huge finite array can
-    also cause) do min and max decide exactly.
+    With the Cython backend built, one compiled pass over the exponent bits;
+    otherwise one summation pass decides almost every array (NaN and Inf
+    propagate into the sum) and only when the sum is not finite (which a huge
+    finite array can also cause) do min and max decide exactly.
     """
     if a.size == 0 or a.dtype.kind not in "fc":
         return True
+    fast = _compiled_all_finite()
+    if fast is not None and a.dtype in _FAST_DTYPES and a.flags.c_contiguous and a.flags.aligned:
+        return bool(fast([a]))
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(a.sum()):
             return True

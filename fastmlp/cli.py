@@ -458,8 +458,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if any(c not in benchmark.CONFIGS for c in configs):
         raise CLIError(f"--configs takes letters from {''.join(benchmark.CONFIGS)}, got {configs!r}")
     data = None if args.data in (None, "mnist") else args.data
+    if args.sections in ("all", None):
+        sections = benchmark.SECTIONS
+    elif args.sections == "none":
+        sections = ()
+    else:
+        sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())
+        unknown = [x for x in sections if x not in benchmark.SECTIONS]
+        if unknown:
+            raise CLIError(f"--sections takes 'all', 'none' or names from {','.join(benchmark.SECTIONS)}, "
+                           f"got {', '.join(unknown)}")  # fmt: skip
     benchmark.run(quick=args.quick, configs=configs, backends=backends, rounds=args.rounds, rows=args.rows,
-                  json_path=args.json, data_path=data, torch=not args.no_torch, memory=not args.no_memory)  # fmt: skip
+                  json_path=args.json, data_path=data, torch=not args.no_torch, memory=not args.no_memory,
+                  sections=sections)  # fmt: skip
     return 0
 
 
@@ -597,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON; unset: no file")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch row even if torch is installed")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
+    b.add_argument("--sections", default="all", metavar="LIST",
+                   help="the tables after the training table: 'all' (default), 'none', or a comma-separated "
+                        "list of avx2, optimizers, fit, predict, sklearn")  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="version, backends, threads, BLAS, CPU features, data paths",

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,26 +80,46 @@ def _open(path: Path):
     return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
+#: largest IDX payload read (bytes): 16 GiB, far above MNIST's 47 MB, far below what a forged header can claim
+MAX_IDX_BYTES = 1 << 34
+
+
 def _read_idx(path: Path, magic: int, what: str) -> tuple[tuple[int, ...], bytes]:
-    try:
-        with _open(path) as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise ValueError(f"{path}: cannot read {what} (corrupt or truncated gzip): {exc}") from exc
+    """The dimensions and the payload of one IDX file, the header checked before the payload is read.
+
+    Only what the header announces is read (a stream with trailing bytes beyond it is refused after one
+    more byte, not decompressed to its end); a header that claims more than :data:`MAX_IDX_BYTES` is
+    refused before anything is allocated.
+    """
     ndim = 3 if magic == _IMAGES_MAGIC else 1
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated {what} file ({len(data)} bytes, the header alone needs {header})")
-    got = int.from_bytes(data[:4], "big")
-    if got != magic:
-        raise ValueError(f"{path}: not an IDX {what} file (magic number {got}, expected {magic})")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    need = header + int(np.prod(dims))
-    if len(data) < need:
-        raise ValueError(f"{path}: truncated {what} file ({len(data)} bytes, expected {need} for shape {dims})")
-    return dims, data[header:need]
+    try:
+        with _open(path) as fh:
+            head = fh.read(header)
+            if len(head) < header:
+                raise ValueError(f"{path}: truncated {what} file ({len(head)} bytes, the header alone needs {header})")
+            got = int.from_bytes(head[:4], "big")
+            if got != magic:
+                raise ValueError(f"{path}: not an IDX {what} file (magic number {got}, expected {magic})")
+            dims = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+            size = 1
+            for d in dims:
+                size *= d
+            if size > MAX_IDX_BYTES:
+                raise ValueError(f"{path}: the header claims shape {dims} ({size} bytes), more than the "
+                                 f"{MAX_IDX_BYTES} this reader takes; not an IDX {what} file fastmlp can read")  # fmt: skip
+            data = fh.read(size)
+            if len(data) < size:
+                raise ValueError(f"{path}: truncated {what} file ({header + len(data)} bytes, expected "
+                                 f"{header + size} for shape {dims})")  # fmt: skip
+            if fh.read(1):
+                raise ValueError(f"{path}: {what} file longer than its header's shape {dims} says "
+                                 f"({header + size} bytes); not an IDX file, or a corrupt one")  # fmt: skip
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: cannot read {what} (corrupt or truncated gzip): {exc}") from exc
+    return dims, data
 
 
 def load_idx(images_path: str | os.PathLike[str], labels_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -266,7 +266,7 @@ def lr_find(
     y : array-like
         Class labels ``(n_samples,)`` or dense targets, as :meth:`fastmlp.Network.fit` takes them.
     start, end : float
-        First and last learning rate of the sweep, ``0 < start < end`` (the lecture's 1e-5 and 10).
+        First and last learning rate of the sweep, ``0 < start < end <= 1e6`` (the lecture's 1e-5 and 10).
     num_iter : int
         Steps of the full sweep (>= 2); the suggestion depends little on it.
     batch_size : int or None
@@ -298,6 +298,9 @@ def lr_find(
     """
     start = V.check_float(start, "start", low=0.0, low_open=True)
     end = V.check_float(end, "end", low=start, low_open=True)
+    if end > 1e6:
+        raise ValueError(f"end must be at most 1e6 (a learning rate past which every network diverges), got {end:g}; "
+                         "the range test's usual end is 10")  # fmt: skip
     num_iter = V.check_int(num_iter, "num_iter", minimum=2)
     smooth = V.check_float(smooth, "smooth (the smoothing width in decades of the rate)", low=0.0, high=0.5)
     diverge = V.check_float(diverge, "diverge", low=BLOWUP, low_open=True)

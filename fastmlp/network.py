@@ -189,6 +189,7 @@ class Network:
         # the backend is a handle on compiled modules: pickle it by name, look it up again on load
         state = self.__dict__.copy()
         state["_backend"] = self._backend.name
+        state.pop("_checked", None)  # which arrays were checked: this object's, not a copy's
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -311,8 +312,37 @@ class Network:
             self.biases[i][...] = bc
 
     # ------------------------------------------------------------------ inference
+    def _params_unchanged(self) -> bool:
+        """Whether the parameter arrays are the very objects :meth:`check_parameters` last passed for
+        inference, with the same shapes, dtype and layout (references are held, so no id is reused)."""
+        ck = self.__dict__.get("_checked")
+        Ws, bs = self.weights, self.biases
+        if ck is None or type(Ws) is not list or type(bs) is not list:
+            return False
+        params, meta, dtype, layers = ck
+        if len(Ws) + len(bs) != len(params) or dtype != self.dtype or layers != tuple(self.layers):
+            return False
+        for a, b, m in zip((*Ws, *bs), params, meta, strict=True):
+            # shape and strides fix the layout (an object's buffer moves only with its shape)
+            if a is not b or (a.shape, a.strides, a.dtype) != m:
+                return False
+        return True
+
     def _inference_params(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        self.check_parameters(train=False)
+        # The structural checks (shapes against layers, dtype, layout, no shared memory) are repeated only
+        # when a parameter array was replaced; finiteness is checked on every call, since a value can be
+        # changed in place (a summation pass, see fastmlp._validation.all_finite).
+        if self._params_unchanged():
+            fast = V._compiled_all_finite()
+            if fast is None or not fast([*self.weights, *self.biases]):
+                for i, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                    if not (V.all_finite(W) and V.all_finite(b)):
+                        raise ValueError(f"weights[{i}]/biases[{i}] contain NaN or infinite values")
+        else:
+            self.check_parameters(train=False)
+            params = (*self.weights, *self.biases)
+            self.__dict__["_checked"] = (params, [(a.shape, a.strides, a.dtype) for a in params], self.dtype,
+                                         tuple(self.layers))  # fmt: skip
         if self.predict_keep is None:
             return self.weights, self.biases
         # classic (non-inverted) dropout: scale each layer's weights by its input keep probability
@@ -352,7 +382,11 @@ class Network:
         -------
         ndarray (n_samples, n_outputs)
         """
-        X = V.as_features(X, self.dtype, n_features=self.n_features)
+        if not (type(X) is np.ndarray and X.dtype == self.dtype and X.ndim == 2 and X.shape[0] > 0
+                and X.shape[1] == self.n_features and X.flags.c_contiguous and X.flags.aligned
+                and X.size < V._SEEN_MIN_SIZE and V.all_finite(X)):  # fmt: skip
+            # the fast road above: a small finite array of the network's dtype and layout, used as it is
+            X = V.as_features(X, self.dtype, n_features=self.n_features)
         return self._proba_checked(X)
 
     def _proba_checked(self, X: np.ndarray) -> np.ndarray:

@@ -21,3 +21,14 @@ def test_gemm_peaks_are_positive_and_simd_only_with_its_build(dtype):
         return
     assert (peak is not None) == cy.SIMD_GEMM
     assert peak is None or peak > 0
+
+
+def test_bench_sections_flag_picks_the_tables(monkeypatch):
+    """``fastmlp bench --sections`` hands run() the sections asked for ('none': the training table only)."""
+    from fastmlp import benchmark, cli
+
+    seen = []
+    monkeypatch.setattr(benchmark, "run", lambda **kw: seen.append(kw["sections"]))
+    for arg, want in (("none", ()), ("all", benchmark.SECTIONS), ("fit, predict", ("fit", "predict"))):
+        assert cli.main(["bench", "--quick", "--sections", arg]) == 0
+        assert seen[-1] == want

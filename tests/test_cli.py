@@ -73,7 +73,8 @@ def test_digits_fallback_when_mnist_unreachable(tmp_path):
      (["train", "--lr", "-0.1"], "--lr"), (["train", "--dropout", "1"], "--dropout"), (["train", "--epochs", "0"], "--epochs"),
      (["predict", "--model", "missing.npz", "--data", "digits"], "missing.npz"),
      (["predict", "--model", "bad.npz", "--data", "digits"], "bad.npz"),
-     (["train", "--data", "corrupt"], "corrupt"), (["bench", "--configs", "xyz"], "--configs")],
+     (["train", "--data", "corrupt"], "corrupt"), (["bench", "--configs", "xyz"], "--configs"),
+     (["bench", "--sections", "fit,gpu"], "--sections")],
 )  # fmt: skip
 def test_user_errors_are_one_line_exit_2(tmp_path, rng, args, needle):
     (tmp_path / "bad.npz").write_bytes(b"not a zip file")

@@ -66,6 +66,35 @@ def test_idx_errors(tmp_path, rng):
         load_idx(img, tmp_path / "t10k-labels-idx1-ubyte.gz")
 
 
+def test_idx_header_is_checked_before_the_payload_is_read(tmp_path, rng, monkeypatch):
+    """A header claiming an absurd shape is refused before anything is read or allocated, and a stream
+    longer than its header says (a small gzip of many zeros) is refused after one byte past the payload."""
+    _write_idx(tmp_path, rng)
+    lab = tmp_path / "train-labels-idx1-ubyte.gz"
+    huge = tmp_path / "huge.gz"
+    with gzip.open(huge, "wb") as fh:
+        fh.write(struct.pack(">Iiii", 2051, 2**31 - 1, 2**16, 2**16) + bytes(64))
+    with pytest.raises(ValueError, match="header claims shape"):
+        load_idx(huge, lab)
+    reads = []
+    real_open = datasets._open
+
+    def counting_open(path):
+        fh = real_open(path)
+        orig = fh.read
+        fh.read = lambda n=-1: (reads.append(n), orig(n))[1]
+        return fh
+
+    monkeypatch.setattr(datasets, "_open", counting_open)
+    trailing = tmp_path / "trailing.gz"
+    raw = gzip.decompress((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())
+    with gzip.open(trailing, "wb") as fh:
+        fh.write(raw + bytes(50_000_000))  # 50 MB of zeros: a 50 KB file
+    with pytest.raises(ValueError, match="longer than its header"):
+        load_idx(trailing, lab)
+    assert all(0 <= n <= len(raw) for n in reads), reads  # never a read to the end of the stream
+
+
 def test_search_order_env_then_cache_then_download(tmp_path, rng, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTMLP_DATA", str(tmp_path / "env"))

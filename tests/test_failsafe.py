@@ -253,3 +253,24 @@ def test_uncompiled_install_says_why_cython_is_unavailable(tmp_path):
     assert "cython" not in out["available"] and "numpy" in out["available"]
     err = out["errors"]["cython"]
     assert "not compiled when fastmlp was installed" in err and "command 'gcc' failed" in err and "C compiler" in err
+
+
+@pytest.mark.skipif("numba" not in fastmlp.available_backends(), reason="numba is not installed")
+def test_numba_disable_jit_makes_the_backend_unavailable_with_the_reason(tmp_path):
+    """``NUMBA_DISABLE_JIT=1`` (the kernels cannot run as Python): numba is unavailable and says why, 'auto'
+    and the other backends still train; asking for numba names the variable."""
+    code = textwrap.dedent("""
+        import numpy as np, fastmlp
+        from fastmlp import Network
+        assert "numba" not in fastmlp.available_backends()
+        print(fastmlp.backends.backend_errors()["numba"])
+        Network([4, 3, 2]).fit(np.random.rand(8, 4), np.zeros(8, np.int64), epochs=1, verbose=False)
+        try:
+            Network([4, 3, 2], backend="numba")
+        except ImportError as exc:
+            print("refused:", exc)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env=subprocess_env(NUMBA_DISABLE_JIT="1"))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("NUMBA_DISABLE_JIT=1") == 2 and "refused:" in res.stdout, res.stdout

@@ -188,7 +188,7 @@ def test_sweeps_with_the_fits_optimizer(rng, monkeypatch):
     [({"start": 0.0}, ValueError, "start"), ({"start": 1.0, "end": 0.5}, ValueError, "end"),
      ({"num_iter": 1}, ValueError, "num_iter"), ({"smooth": 0.98}, ValueError, "smooth .the smoothing width"),
      ({"diverge": 2.0}, ValueError, "diverge"), ({"optimizer": "rmsprop"}, ValueError, "rmsprop"),
-     ({"batch_size": 0}, ValueError, "batch_size"),
+     ({"batch_size": 0}, ValueError, "batch_size"), ({"end": 1e308}, ValueError, "end must be at most 1e6"),
      ({"num_iter": 5.0}, TypeError, "num_iter")],
 )  # fmt: skip
 def test_rejects_bad_arguments(kwargs, exc, match, rng):

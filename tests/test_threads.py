@@ -154,3 +154,55 @@ def test_thread_limit_is_per_thread_and_nests():
     with pytest.raises(TypeError):
         with _threads.thread_limit(1.5):
             pass
+
+
+# ------------------------------------------------------------------ fork safety
+def _fork_fit(backend: str) -> list[np.ndarray]:
+    """A fit whose minibatches split into several blocks (so that it runs an OpenMP team / Numba's pool)."""
+    rng = np.random.default_rng(11)
+    X = rng.uniform(0, 1, (1024, 200))
+    y = rng.integers(0, 10, 1024)
+    net = Network([200, 256, 10], dtype="float64", backend=backend, seed=2)
+    net.fit(X, y, epochs=2, batch_size=256, lr=0.1, seed=4, verbose=False)
+    return net.weights + net.biases
+
+
+def _fork_child(backend: str, queue) -> None:
+    from fastmlp import _threads
+
+    params = _fork_fit(backend)
+    queue.put((_threads.thread_budget(), _threads.forked_after_threads(), [p.tobytes() for p in params]))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_children_train_after_the_parent_ran_threads(backend, method):
+    """A child started by multiprocessing after the parent trained on several threads trains (no hang, no
+    kill) and computes the parent's bits; a forked child does so on one thread, spawn/forkserver on all."""
+    import multiprocessing as mp
+
+    from fastmlp import _threads
+
+    if method not in mp.get_all_start_methods():
+        pytest.skip(f"start method {method!r} is not available here")
+    parent = _fork_fit(backend)
+    _fork_fit(backend)  # the thread choice has timed both counts by now: the second fit ran its team too
+    if backend != "numpy" and _threads.cpu_count() > 1:
+        assert _threads._threads_used, "the parent never ran more than one thread; the test proves nothing"
+    ctx = mp.get_context(method)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_fork_child, args=(backend, queue))
+    proc.start()
+    try:
+        budget, forked, got = queue.get(timeout=240)
+    except Exception:  # queue.Empty after a hang, EOFError after a death: say which
+        proc.kill()
+        proc.join()
+        pytest.fail(f"{method} child on {backend} gave no result (exit code {proc.exitcode}): it hung or died")
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert got == [p.tobytes() for p in parent], "the child's fit differs from the parent's"
+    if method == "fork" and _threads._threads_used:
+        assert forked and budget == 1
+    else:
+        assert not forked and budget == _threads.thread_budget()

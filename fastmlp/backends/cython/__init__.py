@@ -209,6 +209,7 @@ def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.nd
     n_threads = 1
     if OPENMP and (_threads.pinned() or SIMD_GEMM) and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
         n_threads = min(_threads.thread_budget(), 2)
+    _threads.note_threads_used(n_threads)
     _k.forward_network(X, list(weights), list(biases), hidden_act, output_act, out, n_threads)
 
 
@@ -246,6 +247,7 @@ def _run(X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights: list[np.ndarr
          state: OptimizerState, lrs: np.ndarray, plan: EpochPlan, step0: int, sample_weight: np.ndarray | None,
          n_threads: int, n_blocks: int) -> tuple[float, float, int]:  # fmt: skip
     """The compiled epoch on ``n_threads`` threads over ``n_blocks`` blocks; advances ``state.t``."""
+    _threads.note_threads_used(n_threads)
     res = _k.train_epoch(
         X, Y, order, list(weights), list(biases), [list(s) for s in state.weights], [list(s) for s in state.biases],
         lrs, sample_weight, plan.hidden_code, plan.output_code, plan.loss_code, plan.target_code, plan.batch_size,

@@ -35,6 +35,11 @@ try:
 except Exception as exc:  # any failure (missing, broken llvmlite, NumPy mismatch) makes the backend unavailable
     raise ImportError(f"the numba backend needs the 'numba' package, which failed to import: {exc}") from exc
 
+if getattr(numba.config, "DISABLE_JIT", False):
+    # the kernels are written for the compiler (intrinsics, typed overloads): as plain Python they cannot run
+    raise ImportError("the numba backend cannot run with NUMBA_DISABLE_JIT=1 (its kernels need the compiler); "
+                      "unset NUMBA_DISABLE_JIT, or use backend='cython' or 'numpy'")  # fmt: skip
+
 from fastmlp import _threads, config
 from fastmlp.backends.contract import EpochPlan, OptimizerState
 
@@ -238,6 +243,7 @@ def _serialize_parallel_calls() -> bool:
 
 def _on_threads(kern, args: tuple, n_threads: int):
     """``kern(*args)`` (a parallel kernel) with Numba's pool of this thread set to ``n_threads``, restored after."""
+    _threads.note_threads_used(n_threads)
     old = numba.get_num_threads()
     numba.set_num_threads(n_threads)
     try:
@@ -278,6 +284,8 @@ def train_epoch(
     call = (X, Y, order, weights, biases, state, lrs, plan, step0, sample_weight)
     if n_chunks == 1:
         return _epoch(*call, n_chunks=1, parallel=False, n_threads=1)
+    if _threads.forked_after_threads():  # the parent's OpenMP runtime is unusable here: no parallel variant
+        return _epoch(*call, n_chunks=n_chunks, parallel=False, n_threads=1)
     key = (plan.sizes, plan.batch_size, X.dtype.char)
     timed = _k().train_epoch.is_compiled(X.dtype, True)  # a first call's compilation is not a speed
     n_threads = _choice.choose(key, min(n_chunks, _threads.thread_budget(), config.pool_size()))

@@ -1,0 +1,106 @@
+"""Finiteness checks: the Cython build's exponent-bit scan against NumPy's ``isfinite``, and the inference
+road that checks parameters on every call but their structure only when an array was replaced."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import fastmlp
+from fastmlp import _validation as V
+from fastmlp.network import Network
+
+SIZES = (1, 2, 7, 15, 16, 17, 255, 2047, 2048, 2049, 4095, 4096, 4097, 32767, 32768, 65535, 65536, 100_003)
+BAD = (np.nan, np.inf, -np.inf, -np.nan)
+
+
+@pytest.mark.skipif("cython" not in fastmlp.available_backends(), reason="the cython backend is not built")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_all_finite_matches_numpy(dtype, rng):
+    from fastmlp.backends.cython import _k
+
+    info = np.finfo(dtype)
+    for n in SIZES:
+        a = rng.normal(size=n).astype(dtype)
+        a[rng.integers(0, n)] = info.max  # the largest finite value and the smallest subnormal are finite
+        a[rng.integers(0, n)] = -info.max
+        a[rng.integers(0, n)] = info.smallest_subnormal
+        assert _k.all_finite([a]) and V.all_finite(a), n
+        for bad in BAD:
+            for pos in {0, n // 2, n - 1}:
+                b = a.copy()
+                b[pos] = bad
+                assert not _k.all_finite([b]), (n, pos, bad)
+                assert not _k.all_finite([a, b]) and not _k.all_finite([b, a])
+                assert V.all_finite(b) == bool(np.isfinite(b).all()) is False
+        assert _k.all_finite([a.reshape(1, n), np.zeros((0, 3), dtype)])
+    with pytest.raises(TypeError, match="C-contiguous"):
+        _k.all_finite([np.zeros((4, 4), dtype)[:, ::2]])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _k.all_finite([np.zeros(4, np.int64)])
+    with pytest.raises(TypeError, match="numpy arrays"):
+        _k.all_finite([[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("backend", fastmlp.available_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_predict_sees_every_in_place_change_and_every_replaced_array(backend, dtype, rng):
+    net = Network([6, 5, 3], output="softmax", loss="ce", dtype=dtype, backend=backend, seed=1)
+    X = rng.uniform(size=(4, 6)).astype(dtype)
+    P = net.predict_proba(X)  # checked: the structure is remembered
+    for i, arr in enumerate((net.weights[0], net.biases[1], net.weights[1])):
+        for bad in (np.nan, np.inf):
+            old = arr.flat[-1]
+            arr.flat[-1] = bad
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                net.predict_proba(X)
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                net.predict(X)
+            arr.flat[-1] = old
+    np.testing.assert_array_equal(net.predict_proba(X), P)
+    # replaced arrays: a wrong shape, a wrong dtype, a view sharing memory, a non-contiguous array
+    W0 = net.weights[0]
+    other = np.float64 if dtype == "float32" else np.float32
+    for bad, msg in ((np.zeros((5, 7), dtype), "shape"), (W0.astype(other), "must be"),
+                     (np.asfortranarray(W0), "C-contiguous")):  # fmt: skip
+        net.weights[0] = bad
+        with pytest.raises((ValueError, TypeError), match=msg):
+            net.predict_proba(X)
+    net.weights[0] = W0.copy()
+    np.testing.assert_array_equal(net.predict_proba(X), P)
+    net.biases[0] = net.weights[0][0, :5]  # a view of another parameter
+    with pytest.raises(ValueError, match="share memory"):
+        net.predict_proba(X)
+    net.biases[0] = np.zeros(5, dtype)
+    net.layers = [6, 4, 3]  # the declared layers changed under the arrays
+    with pytest.raises(ValueError):
+        net.predict_proba(X)
+
+
+def test_a_pickled_network_checks_its_own_arrays(rng):
+    net = Network([6, 5, 3], seed=1)
+    X = rng.uniform(size=(2, 6))
+    net.predict_proba(X)
+    twin = pickle.loads(pickle.dumps(net))
+    assert "_checked" not in twin.__dict__
+    twin.weights[0][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        twin.predict_proba(X)
+    net.predict_proba(X)  # the original is untouched
+
+
+def test_the_fast_road_takes_only_what_it_can_use_as_it_is(rng):
+    """float64 X for a float32 network, a non-contiguous X, lists, NaN in X: the full checks, same result."""
+    net = Network([6, 5, 3], dtype="float32", seed=1)
+    X = rng.uniform(size=(3, 6))
+    want = net.predict_proba(X.astype(np.float32))
+    for variant in (X, np.asfortranarray(X.astype(np.float32)), X.tolist(), X[:, :6].astype(np.float32)):
+        np.testing.assert_array_equal(net.predict_proba(variant), want)
+    Xn = X.astype(np.float32)
+    Xn[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        net.predict_proba(Xn)
+    with pytest.raises(ValueError, match="features"):
+        net.predict_proba(X[:, :5].astype(np.float32))
