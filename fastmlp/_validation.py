@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+import os
 import weakref
 from collections.abc import Sequence
 
@@ -274,7 +275,22 @@ def check_layers(layers: object) -> list[int]:
     sizes = [check_int(n, f"layers[{i}]", minimum=1) for i, n in enumerate(layers)]
     if len(sizes) < 2:
         raise ValueError(f"layers needs at least an input and an output size, got {list(sizes)}")
+    for i, n in enumerate(sizes):
+        if n > MAX_DIM:
+            raise ValueError(f"layers[{i}] = {n} is larger than the kernels take ({MAX_DIM})")
+    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    if n_params * 8 > _memory_bytes():
+        raise ValueError(f"layers {sizes} have {n_params:,} parameters ({n_params * 8 / 2**30:,.1f} GiB in float64), "
+                         f"more than this machine's {_memory_bytes() / 2**30:,.1f} GiB of memory; use smaller layers")
     return sizes  # type: ignore[return-value]
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine in bytes (2**62 where it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 1 << 62
 
 
 def check_parameters(

@@ -14,11 +14,14 @@ import argparse
 import os
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+#: the exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
+EXIT_INTERRUPTED = 130
 EXIT_USAGE = 2
 
 
@@ -268,6 +271,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                    callbacks=[_progress_callback(args.epochs, args.quiet)])  # fmt: skip
     wall = time.perf_counter() - t0
     train_time = sum(hist.seconds)
+    if hist.interrupted:  # Ctrl-C: fit kept the weights of the last complete epoch; save those, exit 130
+        done = len(hist.epoch)
+        print(f"fastmlp train: interrupted after {done} complete epoch{'s' * (done != 1)} of {args.epochs}",
+              file=sys.stderr)  # fmt: skip
+        if args.out and done:
+            path = net.save(args.out)
+            print(f"Model of epoch {done} saved to {path}")
+        return EXIT_INTERRUPTED
     _, test_acc = net.evaluate(Xte, yte)
     if hist.best_epoch is not None and not args.quiet:
         stop = f", stopped after epoch {hist.stopped_epoch}" if hist.stopped_epoch else ""
@@ -649,10 +660,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _closed_pipe()
     except KeyboardInterrupt:
         print("fastmlp: interrupted", file=sys.stderr)
-        return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError, OSError) as exc:
+        return EXIT_INTERRUPTED
+    except (CLIError, ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError, OSError,
+            OverflowError, zlib.error) as exc:  # fmt: skip
         if getattr(args, "debug", False):
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"fastmlp {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError as exc:
+        if getattr(args, "debug", False):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        print(f"fastmlp {args.command}: error: not enough memory: {msg}; use smaller layers, --batch-size or "
+              "less data", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    except Exception as exc:  # a bug of ours: one line, and how to see the rest
+        if getattr(args, "debug", False):
+            raise
+        print(f"fastmlp {args.command}: internal error: {type(exc).__name__}: {exc} (run again with --debug for "
+              "the traceback, and report it)", file=sys.stderr)  # fmt: skip
+        return 1

@@ -286,3 +286,51 @@ def test_export_writes_onnx_or_says_what_to_install(tmp_path):
         assert (tmp_path / "m.onnx").stat().st_size > 100 and "Exported" in r.stdout
     r = run(["export", "missing.npz", "x.onnx"], tmp_path)
     assert r.returncode == 2 and "missing.npz" in r.stderr
+
+
+def test_ctrl_c_during_training_saves_the_last_complete_epoch_and_exits_130(tmp_path):
+    """SIGINT in the middle of ``train``: one line on stderr, the model of the last complete epoch saved
+    (and loadable), exit code 130; no evaluation or plot after it, no traceback."""
+    import signal
+    import time
+
+    from fastmlp import Network
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastmlp", "train", "--data", "digits", "--epochs", "100000",
+                             "--hidden", "30", "--out", "m.npz", "--plot", "trace.png"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = ""
+    deadline = time.monotonic() + 240
+    while "Epoch: 003/" not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    assert "Epoch:" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "interrupted after" in err, err
+    assert "Test accuracy" not in out and not (tmp_path / "trace.png").exists()
+    saved = [line for line in out.splitlines() if line.startswith("Model of epoch")]
+    assert len(saved) == 1, out
+    net = Network.load(tmp_path / "m.npz")
+    assert net.epochs_ == int(saved[0].split()[3])
+
+
+def test_an_unexpected_error_is_one_line_exit_1(monkeypatch, capsys):
+    """A bug of ours (any exception the CLI does not expect) prints one line pointing at --debug."""
+    from fastmlp import cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["info"].set_defaults(func=broken)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error: RuntimeError: boom" in err[0] and "--debug" in err[0]
+    with pytest.raises(RuntimeError):
+        cli.main(["info", "--debug"])
