@@ -13,7 +13,7 @@ The kernels (``fastmlp/backends/cython/_kernels.pxi``) are compiled three times:
     CPU with those extensions.  Not built elsewhere, nor where the compiler rejects the flags.
 
 All use ``-O3 -ffast-math`` and link glibc's ``libmvec`` so that gcc turns the
-sigmoid's ``exp`` into a vectorized call (DESIGN §4); ``tanh`` is the kernels' own,
+sigmoid's ``exp`` into a vectorized call (docs/packaging.md); ``tanh`` is the kernels' own,
 built from that ``exp`` (libmvec's vector ``tanh`` needs glibc 2.35, the wheels stay
 at manylinux_2_28/2_31).  ``-ffast-math`` is a *compile* flag only: given at link
 time, gcc < 13 links ``crtfastmath.o``, which switches on flush-to-zero for the whole

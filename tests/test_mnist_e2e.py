@@ -1,6 +1,6 @@
 """End to end: the classic notebook protocol on real MNIST through fastmlp.compat.
 
-DESIGN §6 split (55,000 / 5,000 / 10,000), 784-50-10 sigmoid/MSE, 50 epochs,
+the notebook's split (55,000 / 5,000 / 10,000), 784-50-10 sigmoid/MSE, 50 epochs,
 batch 100, lr 0.1, ``np.random.seed(123)`` before training.  A run of the
 original loop on this machine printed train 95.61 %, valid 94.78 %, test 94.54 %.
 """
