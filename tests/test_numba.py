@@ -489,17 +489,18 @@ def _tile_nt(A, W, Z, r0, r1):
 
 @numba.njit(**_TILE_JIT)
 def _tile_tn(P, R, C):
-    """``C = P.T @ R`` through packed panels of 4 columns of ``P`` (the weight gradient's use of _tn_tile)."""
+    """``C = P.T @ R`` through a panel of ``P`` packed 4 columns at a time (the weight gradient's use of
+    _tn_rows)."""
     Q = P.shape[0]
     n = P.shape[1]
-    Pn = np.empty((max(Q, 1), 4), P.dtype)
+    Pn = np.empty(((n + 3) // 4 * max(Q, 1), 4), P.dtype)
     for p in range(0, n, 4):
-        nv = min(4, n - p)
+        u = (p // 4) * Q
         for t in range(4):
             col = min(p + t, n - 1)
             for q in range(Q):
-                Pn[q, t] = P[q, col]
-        K._tn_tile(Pn, Q, R, C, p, nv)
+                Pn[u + q, t] = P[q, col]
+    K._tn_rows(Pn, Q, R, C, 0, n)
 
 
 def _product_bound(A, B, dtype):

@@ -295,7 +295,7 @@ def train_epoch(
 def _workspace(sizes: Sequence[int], thresholds: Sequence[int], rows: int, n_chunks: int, n_params: int,
                weighted: bool, dtype: np.dtype) -> tuple:  # fmt: skip
     """The buffers of one compiled epoch (see :func:`fastmlp.backends.numba.kernels.train_epoch`), allocated
-    here so that the kernel allocates nothing: ``(maxq, bufs, offs, T, wts, grad, parts, part_corr)``."""
+    here so that the kernel allocates nothing: ``(pan, bufs, offs, T, wts, grad, parts, part_corr)``."""
     L = len(sizes) - 1
     w = [sizes[i + 1] * sizes[i] + sizes[i + 1] for i in range(L)]
     woff = np.concatenate([[0], np.cumsum(w[:-1])]).astype(np.int64)
@@ -303,10 +303,16 @@ def _workspace(sizes: Sequence[int], thresholds: Sequence[int], rows: int, n_chu
     drop = [rows * sizes[i] if thresholds[i] < NO_DROP else 0 for i in range(L)]
     moff = np.concatenate([[0], np.cumsum(drop[:-1])]).astype(np.int64)
     doff = np.concatenate([[0], np.cumsum([rows * s for s in sizes[1:-1]])]).astype(np.int64)
-    maxq = max(rows, *sizes[1:])
+
+    # a block's panel: its rows of a TN product (at most ceil(n / n_chunks), rounded up to tiles of 4) times
+    # the reduction (the next layer's width for a hidden delta, the batch for a weight gradient)
+    def tiles(n: int) -> int:
+        return (-(-n // n_chunks) + 3) // 4 * 4
+
+    pan = max(4, tiles(rows) * max(sizes[2:], default=0), max(tiles(s) for s in sizes[1:]) * rows)
     bufs = (np.empty(rows * sum(sizes), dtype), np.empty(sum(drop), dtype), np.empty(sum(drop), dtype),
-            np.empty(rows * sum(sizes[1:]), dtype), np.empty(n_chunks * maxq * 4, dtype))  # fmt: skip
-    return (maxq, bufs, (woff, aoff, moff, doff), np.empty((rows, sizes[-1]), dtype), np.empty(rows if weighted else 0),
+            np.empty(rows * sum(sizes[1:]), dtype), np.empty(n_chunks * pan, dtype))  # fmt: skip
+    return (pan, bufs, (woff, aoff, moff, doff), np.empty((rows, sizes[-1]), dtype), np.empty(rows if weighted else 0),
             np.empty(n_params, dtype), np.empty((2, n_chunks)), np.empty(n_chunks, np.int64))  # fmt: skip
 
 

@@ -765,51 +765,60 @@ def _nt_rows(A, W, Z, r0, r1):
 
 
 @register_jitable
-def _tn_tile(Pn, Q, R, C, c0, nv):
-    """``C[c0 + t, :] = sum_{q < Q} Pn[q, t] R[q, :]`` for ``t < nv <= 4``: one row tile of a TN product.
+def _tn_rows(Pn, Q, R, C, p0, p1):
+    """``C[p, :] = sum_{q < Q} Pn[4 u + q... ] R[q, :]`` for ``p0 <= p < p1``: the rows of a TN product.
 
-    ``Pn (>= Q, 4)`` is the packed panel (its unused columns repeat a valid
-    one), ``R (>= Q, K)``, ``C (.., K)``; each element is summed over ``q`` in
-    order.
+    ``Pn (>= n_tiles Q, 4)`` is the packed panel: tile ``u`` (rows ``p0 + 4 u ..``) in its rows
+    ``u Q .. u Q + Q - 1``, the unused columns of the last tile repeating a valid one; ``R (>= Q, K)``,
+    ``C (.., K)``.  The column blocks of the tile width go outermost so that ``R``'s block (``Q`` rows of
+    the tile width) stays in cache across the row tiles; each element is summed over ``q`` in order.
     """
     _wide_vectors()
     K = R.shape[1]
     KW = _tn_width(R)
     z = C.dtype.type(0.0)
+    n_t = (p1 - p0 + _TN_ROWS - 1) // _TN_ROWS
     if K < KW:  # narrow rows: accumulate in C
-        for t in range(nv):
-            ct = C[c0 + t]
-            for l in range(K):
-                ct[l] = z
-        for q in range(Q):
-            rq = R[q]
+        for u in range(n_t):
+            p = p0 + _TN_ROWS * u
+            nv = _min(_TN_ROWS, p1 - p)
             for t in range(nv):
-                s = Pn[q, t]
-                ct = C[c0 + t]
+                ct = C[p + t]
                 for l in range(K):
-                    ct[l] += s * rq[l]
+                    ct[l] = z
+            for q in range(Q):
+                rq = R[q]
+                for t in range(nv):
+                    s = Pn[u * Q + q, t]
+                    ct = C[p + t]
+                    for l in range(K):
+                        ct[l] += s * rq[l]
         return
     acc = _tile_acc(R)
     for blk in range((K + KW - 1) // KW):
         kb = _min(blk * KW, K - KW)  # the last block ends at column K
-        for l in range(4 * KW):
-            acc[l] = z
-        for q in range(Q):
-            s0 = Pn[q, 0]
-            s1 = Pn[q, 1]
-            s2 = Pn[q, 2]
-            s3 = Pn[q, 3]
-            rq = R[q, kb : kb + KW]
-            for l in range(KW):
-                x = rq[l]
-                acc[l] += s0 * x
-                acc[KW + l] += s1 * x
-                acc[2 * KW + l] += s2 * x
-                acc[3 * KW + l] += s3 * x
-        for t in range(nv):
-            ct = C[c0 + t, kb : kb + KW]
-            for l in range(KW):
-                ct[l] = acc[t * KW + l]
+        for u in range(n_t):
+            p = p0 + _TN_ROWS * u
+            nv = _min(_TN_ROWS, p1 - p)
+            for l in range(4 * KW):
+                acc[l] = z
+            for q in range(Q):
+                pq = Pn[u * Q + q]
+                s0 = pq[0]
+                s1 = pq[1]
+                s2 = pq[2]
+                s3 = pq[3]
+                rq = R[q, kb : kb + KW]
+                for l in range(KW):
+                    x = rq[l]
+                    acc[l] += s0 * x
+                    acc[KW + l] += s1 * x
+                    acc[2 * KW + l] += s2 * x
+                    acc[3 * KW + l] += s3 * x
+            for t in range(nv):
+                ct = C[p + t, kb : kb + KW]
+                for l in range(KW):
+                    ct[l] = acc[t * KW + l]
 
 
 # -------------------------------------------------------------------- the epoch's blocks
@@ -1056,7 +1065,7 @@ def _block_arg_types(T):
 def _forward_block_sig(T):
     a = _block_arg_types(T)
     return _f64(
-        _i64, _i64, _i64, _i64, _i64, _i64,  # c, n_chunks, nb, start, rows, maxq
+        _i64, _i64, _i64, _i64, _i64, _i64,  # c, n_chunks, nb, start, rows, pan
         a["X"], a["Yl"], a["Yd"], _bool, a["sw"], _bool, a["order"], a["theta"], a["sizes"],  # ... sizes
         a["bufs"], a["offs"], _a2(T), _a1(_f64), a["thr"], a["scales"],  # bufs, offs, T, wts, thresholds, scales
         types.uint64, _i64, a["codes"], _bool, _f64, _a1(_i64),  # seed, gstep, codes, subset, s, part_corr
@@ -1066,14 +1075,14 @@ def _forward_block_sig(T):
 def _update_block_sig(T):
     a = _block_arg_types(T)
     return _f64(
-        _i64, _i64, _i64, _i64, _i64,  # c, n_chunks, nb, rows, maxq
+        _i64, _i64, _i64, _i64, _i64,  # c, n_chunks, nb, rows, pan
         a["theta"], a["S"], _a1(T), a["sizes"], a["bufs"], a["offs"], a["thr"],  # theta, S, grad, ... thresholds
         _i64, _f64, _f64, _f64, _f64, _f64, a["hyper"],  # opt, lr, dec, l1s, alpha, alpha_s, hyper
     )  # fmt: skip
 
 
 @_kernel(_forward_block_sig)
-def forward_block(c, n_chunks, nb, start, rows, maxq, X, Yl, Yd, dense, sw, weighted, order, theta, sizes, bufs,
+def forward_block(c, n_chunks, nb, start, rows, pan, X, Yl, Yd, dense, sw, weighted, order, theta, sizes, bufs,
                   offs, T, wts, thresholds, scales, seed, gstep, codes, subset, s, part_corr):  # fmt: skip
     """Phase 1 of a training step for row block ``c`` of ``n_chunks``: gather, forward, output delta and every
     hidden delta (with the weights before the step).
@@ -1120,19 +1129,20 @@ def forward_block(c, n_chunks, nb, start, rows, maxq, X, Yl, Yd, dense, sw, weig
     ls, nc = _output_rows(_view(acts, aoff[L], rows, k), T, output_act, loss, subset, wts, weighted, s,
                           _view(deltas, doff[L - 1], rows, k), r0, r1)  # fmt: skip
     part_corr[c] = nc
-    Pn = _view(panel, c * maxq * _TN_ROWS, maxq, _TN_ROWS)
+    Pn = _view(panel, c * pan, pan // _TN_ROWS, _TN_ROWS)
     for i in range(L - 1, 0, -1):
         n_in = sizes[i]
         n_out = sizes[i + 1]
         D = _view(deltas, doff[i], rows, n_out)
         Dp = _view(deltas, doff[i - 1], rows, n_in)
         W = _view(theta, woff[i], n_out, n_in)
-        for p in range(r0, r1, _TN_ROWS):  # Dp rows p.. = D rows p.. @ W
+        for p in range(r0, r1, _TN_ROWS):  # Dp rows r0..r1 = D rows r0..r1 @ W: the panel of D's rows
+            u = ((p - r0) // _TN_ROWS) * n_out
             for t in range(_TN_ROWS):
                 d = D[_min(p + t, r1 - 1)]
                 for q in range(n_out):
-                    Pn[q, t] = d[q]
-            _tn_tile(Pn, n_out, W, Dp, p, _min(_TN_ROWS, r1 - p))
+                    Pn[u + q, t] = d[q]
+        _tn_rows(Pn, n_out, W, Dp, r0, r1)
         if thresholds[i] < _FULL:
             _mul_rows(Dp, _view(masks, moff[i], rows, n_in), r0, r1)
         _deriv_rows(_view(acts, aoff[i], rows, n_in), Dp, hidden_act, r0, r1)
@@ -1140,13 +1150,14 @@ def forward_block(c, n_chunks, nb, start, rows, maxq, X, Yl, Yd, dense, sw, weig
 
 
 @_kernel(_update_block_sig)
-def update_block(c, n_chunks, nb, rows, maxq, theta, S, grad, sizes, bufs, offs, thresholds, opt, lr, dec, l1s, alpha,
+def update_block(c, n_chunks, nb, rows, pan, theta, S, grad, sizes, bufs, offs, thresholds, opt, lr, dec, l1s, alpha,
                  alpha_s, hyper):  # fmt: skip
     """Phase 2 of a training step for block ``c``: rows ``o0 <= o < o1`` of every ``W`` (and those biases).
 
-    The gradient ``D[:, o0:o1]^T A`` goes 4 rows at a time (a packed panel of
-    ``D`` and one row tile), each followed by the optimizer on those rows of
-    theta, the state and the gradient while they are in cache.  ``hyper`` is
+    The gradient ``D[:, o0:o1]^T A`` is one TN product over a panel of ``D``
+    packed 4 columns at a time (the bias gradient summed while packing),
+    followed by one pass of the optimizer over those rows of theta, the state
+    and the gradient.  ``hyper`` is
     ``(momentum, beta1, beta2, a_adam, d_adam, eps)``.  Returns the block's
     ``sum(W**2)`` before the step (float64; 0 without ``alpha``).
     """
@@ -1156,7 +1167,7 @@ def update_block(c, n_chunks, nb, rows, maxq, theta, S, grad, sizes, bufs, offs,
     momentum, beta1, beta2, a_adam, d_adam, eps = hyper
     L = sizes.shape[0] - 1
     last = S.shape[0] - 1
-    Pn = _view(panel, c * maxq * _TN_ROWS, maxq, _TN_ROWS)
+    Pn = _view(panel, c * pan, pan // _TN_ROWS, _TN_ROWS)
     z = grad.dtype.type(0.0)
     sq = 0.0
     for i in range(L):
@@ -1173,22 +1184,24 @@ def update_block(c, n_chunks, nb, rows, maxq, theta, S, grad, sizes, bufs, offs,
         bo = wo + n_out * n_in
         for p in range(o0, o1, _TN_ROWS):
             nv = _min(_TN_ROWS, o1 - p)
-            for t in range(_TN_ROWS):  # the panel D[:, p..p+3], and the bias gradient from it
+            u = ((p - o0) // _TN_ROWS) * nb
+            for t in range(_TN_ROWS):  # the panel of D[:, p..p+3], and the bias gradient from it
                 col = _min(p + t, o1 - 1)
                 gb = z
                 for q in range(nb):
                     v = D[q, col]
-                    Pn[q, t] = v
+                    Pn[u + q, t] = v
                     gb = gb + v
                 if t < nv:
                     grad[bo + p + t] = gb
-            _tn_tile(Pn, nb, A_in, G, p, nv)
-            p0 = wo + p * n_in
-            p1 = p0 + nv * n_in
-            if alpha != 0.0:
-                sq = sq + _sumsq(theta[p0:p1])
-            _opt_step(theta[p0:p1], grad[p0:p1], S[0, p0:p1], S[last, p0:p1], opt, lr, dec, l1s, alpha_s, momentum,
-                      beta1, beta2, a_adam, d_adam, eps)  # fmt: skip
+            if alpha != 0.0:  # sum(W**2) of the block before the step, 4 rows at a time
+                p0 = wo + p * n_in
+                sq = sq + _sumsq(theta[p0 : p0 + nv * n_in])
+        _tn_rows(Pn, nb, A_in, G, o0, o1)
+        p0 = wo + o0 * n_in
+        p1 = wo + o1 * n_in
+        _opt_step(theta[p0:p1], grad[p0:p1], S[0, p0:p1], S[last, p0:p1], opt, lr, dec, l1s, alpha_s, momentum, beta1,
+                  beta2, a_adam, d_adam, eps)  # fmt: skip
         q0 = bo + o0
         q1 = bo + o1
         _opt_step(theta[q0:q1], grad[q0:q1], S[0, q0:q1], S[last, q0:q1], opt, lr, 1.0, 0.0, 0.0, momentum, beta1,
@@ -1204,7 +1217,7 @@ def _train_epoch_sig(T):
         _f64, _f64, _f64, a["thr"], a["scales"],  # l2, l1, alpha, thresholds, scales
         _i64, types.UniTuple(_f64, 4), _i64,  # opt, (momentum, beta1, beta2, eps), eps_mode
         types.uint64, _i64, _i64, _i64,  # seed, step0, t0, n_chunks
-        _i64, _i64, a["bufs"], a["offs"], _a2(T), _a1(_f64), _a1(T),  # rows, maxq, bufs, offs, T, wts, grad
+        _i64, _i64, a["bufs"], a["offs"], _a2(T), _a1(_f64), _a1(T),  # rows, pan, bufs, offs, T, wts, grad
         _a2(_f64), _a1(_i64),  # parts, part_corr
         types.FunctionType(_forward_block_sig(T)), types.FunctionType(_update_block_sig(T)),  # fwd, upd
     )  # fmt: skip
@@ -1214,7 +1227,7 @@ def _train_epoch_sig(T):
 @_kernel(_train_epoch_sig, parallel=True)
 def train_epoch(
     X, Yl, Yd, dense, sw, weighted, order, theta, S, sizes, lrs, codes, batch_size, l2, l1, alpha, thresholds, scales,
-    opt, opt_params, eps_mode, seed, step0, t0, n_chunks, rows, maxq, bufs, offs, T, wts, grad, parts, part_corr, fwd,
+    opt, opt_params, eps_mode, seed, step0, t0, n_chunks, rows, pan, bufs, offs, T, wts, grad, parts, part_corr, fwd,
     upd,
 ):  # fmt: skip
     """One training epoch on the flat parameters ``theta`` and optimizer state ``S``, in place.
@@ -1264,12 +1277,12 @@ def train_epoch(
         The optimizer's step count before the epoch (Adam's ``t - 1`` of the first step).
     n_chunks : int
         Blocks of each phase.
-    rows, maxq : int
-        Rows of the buffers (the batch, at least 1) and of a block's panel (the batch or the widest layer
-        after the first).
+    rows, pan : int
+        Rows of the buffers (the batch, at least 1) and elements of a block's panel (a multiple of 4: 4 columns
+        by the block's rows of a TN product, rounded up to 4, times its reduction, the batch or a width).
     bufs : (acts, ins, masks, deltas, panel)
         Flat buffers: every layer's input and output activation (``rows`` rows each), the dropout masks and
-        dropped-out inputs of the layers with dropout, the deltas, and one panel ``(maxq, 4)`` a block.
+        dropped-out inputs of the layers with dropout, the deltas, and one panel ``(pan / 4, 4)`` a block.
     offs : (woff, aoff, moff, doff)
         Where each layer's matrix starts: ``W_l`` in theta (``b_l`` follows it), its input in ``acts``
         (``aoff[L]``: the output), its mask and dropped-out input, its delta.
@@ -1326,11 +1339,11 @@ def train_epoch(
         for phase in range(2):
             for c in prange(n_chunks):
                 if phase == 0:
-                    parts[0, c] = fwd(np.int64(c), n_chunks, nb, start, rows, maxq, X, Yl, Yd, dense, sw, weighted,
+                    parts[0, c] = fwd(np.int64(c), n_chunks, nb, start, rows, pan, X, Yl, Yd, dense, sw, weighted,
                                       order, theta, sizes, bufs, offs, T, wts, thresholds, scales, seed, gstep, codes,
                                       subset, s, part_corr)  # fmt: skip
                 else:
-                    parts[1, c] = upd(np.int64(c), n_chunks, nb, rows, maxq, theta, S, grad, sizes, bufs, offs,
+                    parts[1, c] = upd(np.int64(c), n_chunks, nb, rows, pan, theta, S, grad, sizes, bufs, offs,
                                       thresholds, opt, lr, dec, lr * l1, alpha, alpha / s, hyper)  # fmt: skip
         ls = 0.0
         sq = 0.0
