@@ -308,14 +308,14 @@ def _deriv_rows(A, out, act, r0, r1):
                     o[j] = zero
 
 
-@register_jitable(inline="always")
+@register_jitable
 def _copy_row(src, dst):
     """``dst[:] = src`` as a loop (Numba's slice assignment compiles a shape-error message formatter: seconds)."""
     for j in range(dst.shape[0]):
         dst[j] = src[j]
 
 
-@register_jitable(inline="always")
+@register_jitable
 def _mul_rows(out, M, r0, r1):
     """``out[r] *= M[r]`` (the dropout multipliers of the forward pass)."""
     n = out.shape[1]
@@ -327,7 +327,7 @@ def _mul_rows(out, M, r0, r1):
 
 
 # ------------------------------------------------------------------------ losses
-@register_jitable(inline="always")
+@register_jitable
 def _target_row(Yl, Yd, dense, src, t):
     """Target row ``t (k,)`` of sample ``src``: ``Yd[src]``, or from the label ``onehot(Yl[src])`` (``Yl[src]``
     itself when ``k == 1``)."""
@@ -344,7 +344,7 @@ def _target_row(Yl, Yd, dense, src, t):
             t[Yl[src]] = 1.0
 
 
-@register_jitable(inline="always")
+@register_jitable
 def _argmax(a):
     """The first index of the maximum (NumPy's ``argmax``)."""
     best = 0
@@ -459,7 +459,7 @@ def _output_rows(A, T, output, loss, subset, wts, weighted, s, out, r0, r1):
 
 
 # ----------------------------------------------------------------------- dropout
-@register_jitable(inline="always")
+@register_jitable
 def _mix64(z):
     """splitmix64 finalizer, wrapping uint64 arithmetic."""
     z = (z ^ (z >> _S30)) * _M1
@@ -467,7 +467,7 @@ def _mix64(z):
     return z ^ (z >> _S31)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def _mask_key(seed, step, layer):
     """``mix64(mix64(seed + G (layer + 1)) + G (step + 1))`` as in the contract."""
     inner = _mix64(seed + _G * (np.uint64(layer) + _U1))
@@ -507,7 +507,7 @@ def _dropout_rows(A, M, A_in, key, thr, scale, r0, r1):
 
 
 # ------------------------------------------------------------------------ update
-@register_jitable(inline="always")
+@register_jitable
 def _sumsq(w):
     """``sum(w**2)`` in float64."""
     s = 0.0
