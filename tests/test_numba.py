@@ -478,6 +478,76 @@ def test_epoch_mask_rows_continue_across_chunks():
     assert one[3][2] == three[3][2]
 
 
+# ----------------------------------------------------------------------------------------- register tiles
+_TILE_JIT = {**config.jit_options(), "cache": False}
+
+
+@numba.njit(**_TILE_JIT)
+def _tile_nt(A, W, Z, r0, r1):
+    K._nt_rows(A, W, Z, r0, r1)
+
+
+@numba.njit(**_TILE_JIT)
+def _tile_tn(P, R, C):
+    """``C = P.T @ R`` through a panel of ``P`` packed 4 columns at a time (the weight gradient's use of
+    _tn_rows)."""
+    Q = P.shape[0]
+    n = P.shape[1]
+    Pn = np.empty(((n + 3) // 4 * max(Q, 1), 4), P.dtype)
+    for p in range(0, n, 4):
+        u = (p // 4) * Q
+        for t in range(4):
+            col = min(p + t, n - 1)
+            for q in range(Q):
+                Pn[u + q, t] = P[q, col]
+    K._tn_rows(Pn, Q, R, C, 0, n)
+
+
+def _product_bound(A, B, dtype):
+    """Error bound of any summation order of ``A @ B`` in ``dtype``: ``K eps (|A| @ |B|)`` (plus the rounding
+    of the result)."""
+    eps = float(np.finfo(dtype).eps)
+    k = A.shape[1]
+    return (k + 2) * eps * (np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64)))
+
+
+#: widths around the SIMD widths (8 and 16 lanes) and the TN tile widths (32 and 64 columns)
+TILE_WIDTHS = (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nt_tile_matches_numpy_on_remainders(dtype):
+    """Z = A W^T by 4 x 4 register tiles: every row count 1..13, output counts around the tile and vector
+    widths, reductions short and long; rows outside [r0, r1) untouched."""
+    rng = np.random.default_rng(3)
+    for k in (1, 7, 16, 33, 784, 2000):
+        for n_out in (1, 3, 4, 5, 8, 9, 16, 17, 50):
+            W = rng.normal(size=(n_out, k)).astype(dtype)
+            for n in range(1, 14):
+                A = rng.normal(size=(n, k)).astype(dtype)
+                Z = np.full((n + 2, n_out), 7.0, dtype)
+                _tile_nt(np.vstack([A[:1], A, A[:1]]), W, Z, 1, n + 1)
+                ref = A.astype(np.float64) @ W.T.astype(np.float64)
+                assert (np.abs(Z[1:-1] - ref) <= _product_bound(A, W.T, dtype)).all(), (k, n_out, n)
+                assert (Z[0] == 7.0).all() and (Z[-1] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tn_tile_matches_numpy_on_remainders(dtype):
+    """C = P^T R by row tiles of 4 and column blocks of the tile width: every row count 1..13, widths around
+    the vector and tile widths (the narrow path and the shifted last block), reductions short and long."""
+    rng = np.random.default_rng(4)
+    for q in (1, 2, 13, 100, 1000):
+        for width in TILE_WIDTHS:
+            R = rng.normal(size=(q, width)).astype(dtype)
+            for n in range(1, 14):
+                P = rng.normal(size=(q, n)).astype(dtype)
+                C = np.full((n, width), np.nan, dtype)
+                _tile_tn(P, R, C)
+                ref = P.T.astype(np.float64) @ R.astype(np.float64)
+                assert (np.abs(C - ref) <= _product_bound(P.T, R, dtype)).all(), (q, width, n)
+
+
 # --------------------------------------------------------------------------------------------------- exp
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_polynomial_exp_accuracy(dtype):

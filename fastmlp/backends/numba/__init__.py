@@ -41,7 +41,7 @@ if getattr(numba.config, "DISABLE_JIT", False):
                       "unset NUMBA_DISABLE_JIT, or use backend='cython' or 'numpy'")  # fmt: skip
 
 from fastmlp import _threads, config
-from fastmlp.backends.contract import EpochPlan, OptimizerState
+from fastmlp.backends.contract import NO_DROP, EpochPlan, OptimizerState
 
 NAME = "numba"
 
@@ -300,6 +300,30 @@ def train_epoch(
     return out
 
 
+def _workspace(sizes: Sequence[int], thresholds: Sequence[int], rows: int, n_chunks: int, n_params: int,
+               weighted: bool, dtype: np.dtype) -> tuple:  # fmt: skip
+    """The buffers of one compiled epoch (see :func:`fastmlp.backends.numba.kernels.train_epoch`), allocated
+    here so that the kernel allocates nothing: ``(pan, bufs, offs, T, wts, grad, parts, part_corr)``."""
+    L = len(sizes) - 1
+    w = [sizes[i + 1] * sizes[i] + sizes[i + 1] for i in range(L)]
+    woff = np.concatenate([[0], np.cumsum(w[:-1])]).astype(np.int64)
+    aoff = np.concatenate([[0], np.cumsum([rows * s for s in sizes[:-1]])]).astype(np.int64)
+    drop = [rows * sizes[i] if thresholds[i] < NO_DROP else 0 for i in range(L)]
+    moff = np.concatenate([[0], np.cumsum(drop[:-1])]).astype(np.int64)
+    doff = np.concatenate([[0], np.cumsum([rows * s for s in sizes[1:-1]])]).astype(np.int64)
+
+    # a block's panel: its rows of a TN product (at most ceil(n / n_chunks), rounded up to tiles of 4) times
+    # the reduction (the next layer's width for a hidden delta, the batch for a weight gradient)
+    def tiles(n: int) -> int:
+        return (-(-n // n_chunks) + 3) // 4 * 4
+
+    pan = max(4, tiles(rows) * max(sizes[2:], default=0), max(tiles(s) for s in sizes[1:]) * rows)
+    bufs = (np.empty(rows * sum(sizes), dtype), np.empty(sum(drop), dtype), np.empty(sum(drop), dtype),
+            np.empty(rows * sum(sizes[1:]), dtype), np.empty(n_chunks * pan, dtype))  # fmt: skip
+    return (pan, bufs, (woff, aoff, moff, doff), np.empty((rows, sizes[-1]), dtype), np.empty(rows if weighted else 0),
+            np.empty(n_params, dtype), np.empty((2, n_chunks)), np.empty(n_chunks, np.int64))  # fmt: skip
+
+
 def _epoch(X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray],
            state: OptimizerState, lrs: np.ndarray, plan: EpochPlan, step0: int, sample_weight: np.ndarray | None, *,
            n_chunks: int, parallel: bool, n_threads: int) -> tuple[float, float, int]:  # fmt: skip
@@ -310,13 +334,17 @@ def _epoch(X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights: list[np.nda
     Yl, Yd, dense = _targets(Y, X.dtype)
     weighted = sample_weight is not None
     sw = _aligned(sample_weight) if weighted else _NO_WEIGHTS
-    kern = _k().train_epoch[X.dtype, parallel]
+    K = _k()
+    kern = K.train_epoch[X.dtype, parallel]
+    rows = max(1, min(int(plan.batch_size), int(order.shape[0])))
+    work = _workspace(plan.sizes, plan.thresholds, rows, n_chunks, theta.shape[0], weighted, X.dtype)
     args = (
         _aligned(X), Yl, Yd, dense, sw, weighted, _aligned(order), theta, S, sizes, _aligned(lrs),
-        plan.hidden_code, plan.output_code, plan.loss_code, int(plan.batch_size), float(plan.l2), float(plan.l1),
-        float(plan.alpha), plan.thresholds_array, plan.scales_array, plan.optimizer_code, float(plan.momentum),
-        float(plan.beta1), float(plan.beta2), float(plan.eps), plan.eps_code, np.uint64(plan.seed), int(step0),
-        int(state.t), int(n_chunks),
+        (plan.hidden_code, plan.output_code, plan.loss_code), int(plan.batch_size), float(plan.l2), float(plan.l1),
+        float(plan.alpha), plan.thresholds_array, plan.scales_array, plan.optimizer_code,
+        (float(plan.momentum), float(plan.beta1), float(plan.beta2), float(plan.eps)), plan.eps_code,
+        np.uint64(plan.seed), int(step0), int(state.t), int(n_chunks), rows, *work,
+        K.forward_block[X.dtype], K.update_block[X.dtype],
     )  # fmt: skip
     loss_sum, pen_sum, n_correct = _on_threads(kern, args, n_threads) if parallel else kern(*args)
     _unflat(theta, weights, biases)

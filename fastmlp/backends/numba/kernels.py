@@ -14,7 +14,7 @@ order of :mod:`fastmlp.backends.reference`.
 
 Numerics
 --------
-* The sigmoid, the softmax and the ``exp`` output use :func:`_exp32`/:func:`_exp64`,
+* The sigmoid, the softmax and the ``exp`` output use :func:`_exp32_py`/:func:`_exp64_py`,
   a branch-free ``exp`` (Cody–Waite range reduction, a Taylor polynomial, the
   power of two built in the exponent bits) that LLVM vectorizes; a scalar
   ``math.exp`` call does not vectorize without SVML and costs several ns an
@@ -41,7 +41,9 @@ import types as types_mod
 import numba
 import numpy as np
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
+from numba.np.arrayobj import make_array, populate_array
 
 from fastmlp import config
 from fastmlp.backends.contract import (
@@ -113,6 +115,39 @@ def _bits_as_f32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+def _minmax(is_max):
+    """An intrinsic ``min``/``max`` of two numbers with Python's semantics (``min(a, b)`` is ``b`` only when
+    ``b < a``: a NaN first argument comes out), emitted as a compare and a select: the builtins compile a
+    function of their own for every pair of argument types (a tenth of a second each)."""
+
+    def impl(typingctx, a, b):
+        if not (isinstance(a, (types.Integer, types.Float)) and isinstance(b, (types.Integer, types.Float))):
+            return None
+        ty = typingctx.unify_types(a, b)
+        if ty is None:
+            return None
+        if isinstance(ty, types.Literal):  # pragma: no cover - two literals
+            ty = ty.literal_type
+
+        def codegen(context, builder, signature, args):
+            x = context.cast(builder, args[0], signature.args[0], ty)
+            y = context.cast(builder, args[1], signature.args[1], ty)
+            if isinstance(ty, types.Float):
+                take_y = builder.fcmp_ordered(">" if is_max else "<", y, x)
+            else:
+                op = ">" if is_max else "<"
+                take_y = builder.icmp_signed(op, y, x) if ty.signed else builder.icmp_unsigned(op, y, x)
+            return builder.select(take_y, y, x)
+
+        return ty(a, b), codegen
+
+    return intrinsic(impl)
+
+
+_min = _minmax(False)
+_max = _minmax(True)
+
+
 # float64: ln 2 split so that k * _LN2HI_64 is exact for |k| < 2**11 (Cody–Waite)
 _LOG2E_64 = 1.4426950408889634
 _LN2HI_64 = 6.93147180369123816490e-01
@@ -140,7 +175,7 @@ _C32 = tuple(np.float32(1.0 / math.factorial(j)) for j in range(8))
 
 def _exp64_py(x):
     """``exp(x)`` for a float64, branch-free (vectorizable), within ~1 ulp on [-708, 708]."""
-    x = min(max(x, _XMIN_64), _XMAX_64)
+    x = _min(_max(x, _XMIN_64), _XMAX_64)
     k = np.floor(x * _LOG2E_64 + 0.5)
     r = (x - k * _LN2HI_64) - k * _LN2LO_64
     p = _C64[13]
@@ -163,7 +198,7 @@ def _exp64_py(x):
 
 def _exp32_py(x):
     """``exp(x)`` for a float32 in float32 arithmetic, branch-free, within ~1 ulp on [-87, 88]."""
-    x = min(max(x, _XMIN_32), _XMAX_32)
+    x = _min(_max(x, _XMIN_32), _XMAX_32)
     k = np.floor(x * _LOG2E_32 + _HALF_32)
     r = (x - k * _LN2HI_32) - k * _LN2LO_32
     p = _C32[7]
@@ -179,26 +214,23 @@ def _exp32_py(x):
 
 
 # The range reduction must be evaluated as written: reassociating ``(x - k ln2_hi) - k ln2_lo`` into
-# ``x - k ln2`` (allowed by fastmath's "reassoc") costs up to ~100 ulp near the cap, so the exp is a jitted
-# function of its own, compiled with the kernels' fastmath flags less "reassoc"; LLVM still inlines it into
+# ``x - k ln2`` (allowed by fastmath's "reassoc") costs up to ~100 ulp near the cap, so the exp is compiled
+# with the kernels' fastmath flags less "reassoc" (the overload's own jit options); LLVM still inlines it into
 # the callers' loops (fast-math flags are per instruction) and vectorizes them.
-_EXP_OPTS = {"fastmath": config.fastmath_without_reassoc(), "error_model": "numpy", "nogil": True, "cache": False,
-             "boundscheck": False}  # fmt: skip
-_exp64 = numba.njit(**_EXP_OPTS)(_exp64_py)
-_exp32 = numba.njit(**_EXP_OPTS)(_exp32_py)
+_EXP_OPTS = {"fastmath": config.fastmath_without_reassoc(), "error_model": "numpy"}
 
 
 def _vexp(x):  # pragma: no cover - typing stub, replaced by the overload below
     raise NotImplementedError
 
 
-@overload(_vexp)
+@overload(_vexp, jit_options=_EXP_OPTS)
 def _ol_vexp(x):
     """Pick the exp of the argument's own precision (float32 stays float32: twice the SIMD lanes)."""
     if x == types.float32:
-        return lambda x: _exp32(x)
+        return _exp32_py
     if x == types.float64:
-        return lambda x: _exp64(x)
+        return _exp64_py
     return None
 
 
@@ -210,9 +242,9 @@ def _clip_prob(a):  # pragma: no cover - typing stub, replaced by the overload b
 def _ol_clip_prob(a):
     """``clip(a, eps, 1 - eps)`` in the argument's own dtype, ``eps`` its machine epsilon (scikit-learn's clip)."""
     if a == types.float32:
-        return lambda a: min(max(a, _EPS_32), _ONE_32 - _EPS_32)
+        return lambda a: _min(_max(a, _EPS_32), _ONE_32 - _EPS_32)
     if a == types.float64:
-        return lambda a: min(max(a, _EPS_64), 1.0 - _EPS_64)
+        return lambda a: _min(_max(a, _EPS_64), 1.0 - _EPS_64)
     return None
 
 
@@ -231,7 +263,7 @@ def _bias_act_rows(Z, b, act, r0, r1):
                 z[j] = one / (one + _vexp(-(z[j] + b[j])))
         elif act == _RELU:
             for j in range(n_out):
-                z[j] = max(z[j] + b[j], zero)
+                z[j] = _max(z[j] + b[j], zero)
         elif act == _TANH:
             for j in range(n_out):
                 z[j] = np.tanh(z[j] + b[j])
@@ -243,7 +275,7 @@ def _bias_act_rows(Z, b, act, r0, r1):
             zmax = z[0] + b[0]
             for j in range(n_out):
                 z[j] = z[j] + b[j]
-                zmax = max(zmax, z[j])
+                zmax = _max(zmax, z[j])
             s = zero
             for j in range(n_out):
                 z[j] = _vexp(z[j] - zmax)
@@ -427,7 +459,7 @@ def _output_rows(A, T, output, loss, subset, wts, weighted, s, out, r0, r1):
 
 
 # ----------------------------------------------------------------------- dropout
-@register_jitable(inline="always")
+@register_jitable
 def _mix64(z):
     """splitmix64 finalizer, wrapping uint64 arithmetic."""
     z = (z ^ (z >> _S30)) * _M1
@@ -552,6 +584,268 @@ def _col_sums(D, out):
         d = D[r]
         for j in range(w):
             out[j] = out[j] + d[j]
+
+
+# ------------------------------------------------------------------ register tiles
+# The two products of an epoch, written so that LLVM emits register-tiled FMA code (the structure of the
+# Cython backend's AVX-512 kernels): fixed tile shapes, the accumulators of a tile in registers for the
+# whole reduction, the innermost loop unit-stride.  No BLAS call in the epoch.
+#
+# * NT (``Z = A W^T``: the forward product): a tile of 4 rows of ``A`` by 4 rows of ``W``, 16 scalar
+#   accumulators over a unit-stride loop along ``k``; LLVM vectorizes the loop into 16 vector reductions
+#   (``reassoc``) and sums each vector once at the end.
+# * TN (``C = P^T R`` with a packed panel ``P``: the weight gradient ``D^T A`` and the hidden delta
+#   ``D W``): a tile of 4 rows of ``C`` by _TN_VECS vectors along ``k``, accumulated in a fixed-size array on
+#   the stack (:func:`_tile_acc`) over the whole reduction; with a literal trip count LLVM vectorizes and
+#   unrolls the lane loop and keeps the array in registers.  The columns go in blocks of the tile width; the
+#   last block is shifted left to end at the last column (recomputing a few columns with the same bits), so
+#   no lane reads past a row.
+#
+# Edge tiles repeat the last valid row or output (computed, not stored twice with other values), so every
+# tile has the fixed shape.  Each output element is summed in an order that depends on the shapes only.
+
+
+def _vector_bits() -> int:
+    """Width of the SIMD registers LLVM targets on this CPU: 512 (AVX-512F), 256 (AVX) or 128."""
+    feats = numba.core.config.CPU_FEATURES
+    if feats is None:
+        try:
+            import llvmlite.binding as llvm
+
+            feats = llvm.get_host_cpu_features().flatten()
+        except Exception:  # pragma: no cover - llvmlite without host feature detection
+            feats = ""
+    flags = set(feats.split(","))
+    if "+avx512f" in flags:
+        return 512
+    if "+avx" in flags:
+        return 256
+    return 128
+
+
+#: SIMD register width in bits (the tile widths follow it)
+VECTOR_BITS = _vector_bits()
+#: vectors along ``k`` of a TN tile (4 rows x 4 vectors = 16 accumulators of 32 registers; 4 x 2 of 16)
+_TN_VECS = 4 if VECTOR_BITS >= 512 else 2
+_TN_ROWS = 4
+#: the forward product takes W in slabs of about this many bytes (kept in L2 across the row tiles)
+_NT_SLAB_BYTES = 256 * 1024
+
+
+@intrinsic
+def _wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function with the full SIMD width.
+
+    LLVM targets 256-bit vectors on AVX-512 CPUs unless a function asks for
+    more (``"prefer-vector-width"="512"``); the tiles are sized for 32 vector
+    registers of 512 bits.  A no-op on other CPUs.
+    """
+
+    def codegen(context, builder, signature, args):
+        if VECTOR_BITS >= 512:
+            try:  # llvmlite checks attribute names against a fixed list: add the string attribute past it
+                set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            except Exception:  # pragma: no cover - a llvmlite without this representation: narrower vectors
+                pass
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+def _tn_width(a):  # pragma: no cover - typing stub, replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_tn_width, inline="always")
+def _ol_tn_width(a):
+    """Columns of a TN tile for ``a``'s dtype: _TN_VECS SIMD vectors."""
+    n = _TN_VECS * (VECTOR_BITS // a.dtype.bitwidth)
+    return lambda a: n
+
+
+@intrinsic
+def _tile_acc(typingctx, like):
+    """An uninitialised 1-D array of ``_TN_ROWS`` times :func:`_tn_width` elements of ``like``'s dtype on the
+    caller's stack (an ``alloca``: LLVM keeps it in registers when every index is known).  It lives as long
+    as the calling function's frame: never return it."""
+    dt = like.dtype
+    n = _TN_ROWS * _TN_VECS * (VECTOR_BITS // dt.bitwidth)
+    aryty = types.Array(dt, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        lty = context.get_data_type(dt)
+        ptr = cgutils.alloca_once(builder, lty, size=n)
+        ary = make_array(aryty)(context, builder)
+        size = context.get_abi_sizeof(lty)
+        populate_array(ary, data=ptr, shape=[context.get_constant(types.intp, n)],
+                       strides=[context.get_constant(types.intp, size)],
+                       itemsize=context.get_constant(types.intp, size), meminfo=None)  # fmt: skip
+        return ary._getvalue()
+
+    return aryty(like), codegen
+
+
+@register_jitable
+def _nt_rows(A, W, Z, r0, r1):
+    """``Z[r, j] = dot(A[r], W[j])`` for rows ``r0 <= r < r1`` and every row ``j`` of ``W``.
+
+    ``A (n, K)``, ``W (N, K)``, ``Z (n, N)``.  4 x 4 register tiles; ``W`` in
+    slabs that stay in L2 while every row tile passes over them.
+    """
+    _wide_vectors()
+    K = A.shape[1]
+    N = W.shape[0]
+    if r1 <= r0 or N == 0:
+        return
+    z = Z.dtype.type(0.0)
+    slab = _max(4, (_NT_SLAB_BYTES // _max(1, K * Z.itemsize)) // 4 * 4)
+    last = r1 - 1
+    for j0 in range(0, N, slab):
+        jn = _min(j0 + slab, N) - 1
+        for i in range(r0, r1, 4):
+            i1 = _min(i + 1, last)
+            i2 = _min(i + 2, last)
+            i3 = _min(i + 3, last)
+            a0 = A[i]
+            a1 = A[i1]
+            a2 = A[i2]
+            a3 = A[i3]
+            for j in range(j0, jn + 1, 4):
+                j1 = _min(j + 1, jn)
+                j2 = _min(j + 2, jn)
+                j3 = _min(j + 3, jn)
+                w0 = W[j]
+                w1 = W[j1]
+                w2 = W[j2]
+                w3 = W[j3]
+                c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = z
+                c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = z
+                for k in range(K):
+                    x0 = w0[k]
+                    x1 = w1[k]
+                    x2 = w2[k]
+                    x3 = w3[k]
+                    y = a0[k]
+                    c00 += y * x0
+                    c01 += y * x1
+                    c02 += y * x2
+                    c03 += y * x3
+                    y = a1[k]
+                    c10 += y * x0
+                    c11 += y * x1
+                    c12 += y * x2
+                    c13 += y * x3
+                    y = a2[k]
+                    c20 += y * x0
+                    c21 += y * x1
+                    c22 += y * x2
+                    c23 += y * x3
+                    y = a3[k]
+                    c30 += y * x0
+                    c31 += y * x1
+                    c32 += y * x2
+                    c33 += y * x3
+                # repeated rows and outputs store the same values again
+                Z[i3, j3] = c33
+                Z[i3, j2] = c32
+                Z[i3, j1] = c31
+                Z[i3, j] = c30
+                Z[i2, j3] = c23
+                Z[i2, j2] = c22
+                Z[i2, j1] = c21
+                Z[i2, j] = c20
+                Z[i1, j3] = c13
+                Z[i1, j2] = c12
+                Z[i1, j1] = c11
+                Z[i1, j] = c10
+                Z[i, j3] = c03
+                Z[i, j2] = c02
+                Z[i, j1] = c01
+                Z[i, j] = c00
+
+
+@register_jitable
+def _tn_rows(Pn, Q, R, C, p0, p1):
+    """``C[p, :] = sum_{q < Q} Pn[4 u + q... ] R[q, :]`` for ``p0 <= p < p1``: the rows of a TN product.
+
+    ``Pn (>= n_tiles Q, 4)`` is the packed panel: tile ``u`` (rows ``p0 + 4 u ..``) in its rows
+    ``u Q .. u Q + Q - 1``, the unused columns of the last tile repeating a valid one; ``R (>= Q, K)``,
+    ``C (.., K)``.  The column blocks of the tile width go outermost so that ``R``'s block (``Q`` rows of
+    the tile width) stays in cache across the row tiles; each element is summed over ``q`` in order.
+    """
+    _wide_vectors()
+    K = R.shape[1]
+    KW = _tn_width(R)
+    z = C.dtype.type(0.0)
+    n_t = (p1 - p0 + _TN_ROWS - 1) // _TN_ROWS
+    if K < KW:  # narrow rows: accumulate in C
+        for u in range(n_t):
+            p = p0 + _TN_ROWS * u
+            nv = _min(_TN_ROWS, p1 - p)
+            for t in range(nv):
+                ct = C[p + t]
+                for l in range(K):
+                    ct[l] = z
+            for q in range(Q):
+                rq = R[q]
+                for t in range(nv):
+                    s = Pn[u * Q + q, t]
+                    ct = C[p + t]
+                    for l in range(K):
+                        ct[l] += s * rq[l]
+        return
+    acc = _tile_acc(R)
+    for blk in range((K + KW - 1) // KW):
+        kb = _min(blk * KW, K - KW)  # the last block ends at column K
+        for u in range(n_t):
+            p = p0 + _TN_ROWS * u
+            nv = _min(_TN_ROWS, p1 - p)
+            for l in range(4 * KW):
+                acc[l] = z
+            for q in range(Q):
+                pq = Pn[u * Q + q]
+                s0 = pq[0]
+                s1 = pq[1]
+                s2 = pq[2]
+                s3 = pq[3]
+                rq = R[q, kb : kb + KW]
+                for l in range(KW):
+                    x = rq[l]
+                    acc[l] += s0 * x
+                    acc[KW + l] += s1 * x
+                    acc[2 * KW + l] += s2 * x
+                    acc[3 * KW + l] += s3 * x
+            for t in range(nv):
+                ct = C[p + t, kb : kb + KW]
+                for l in range(KW):
+                    ct[l] = acc[t * KW + l]
+
+
+# -------------------------------------------------------------------- the epoch's blocks
+@intrinsic
+def _view(typingctx, buf, off, rows, cols):
+    """The matrix ``(rows, cols)`` stored C-ordered in the 1-D ``buf`` from element ``off``: a view, built
+    directly (``reshape`` of a slice compiles its checks and error paths at every use, seconds in all).
+
+    The view holds no reference of its own (no meminfo): it must not outlive ``buf``, so it never leaves the
+    kernel that made it.  The caller keeps ``off + rows * cols <= buf.size``.
+    """
+    if not (isinstance(buf, types.Array) and buf.ndim == 1 and buf.layout == "C"):
+        return None
+    aryty = types.Array(buf.dtype, 2, "C")
+
+    def codegen(context, builder, signature, args):
+        src = make_array(signature.args[0])(context, builder, args[0])
+        ints = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:])]
+        off, n_rows, n_cols = ints
+        size = context.get_abi_sizeof(context.get_data_type(buf.dtype))
+        itemsize = context.get_constant(types.intp, size)
+        out = make_array(aryty)(context, builder)
+        populate_array(out, data=builder.gep(src.data, [off]), shape=[n_rows, n_cols],
+                       strides=[builder.mul(n_cols, itemsize), itemsize], itemsize=itemsize, meminfo=None)  # fmt: skip
+        return out._getvalue()
+
+    return aryty(buf, off, rows, cols), codegen
 
 
 # -------------------------------------------------------------------- parameters
@@ -726,7 +1020,7 @@ def inplace_update(W, b, D, A, lr, l2, l1):
     gb = np.empty(b.shape[0], b.dtype)
     _col_sums(D, gb)
     w = W.reshape(W.size)
-    _opt_step(w, G.reshape(G.size), w, w, _SGD, lr, max(0.0, 1.0 - lr * l2), lr * l1, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    _opt_step(w, G.reshape(G.size), w, w, _SGD, lr, _max(0.0, 1.0 - lr * l2), lr * l1, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     _opt_step(b, gb, b, b, _SGD, lr, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -758,25 +1052,192 @@ def forward_network(X, theta, sizes, hidden_act, output_act, out):
         A = Z
 
 
+def _block_arg_types(T):
+    """Types of the arguments shared by the block kernels and the epoch."""
+    return {
+        "X": _a2(T, True), "Yl": _I64_RO, "Yd": _a2(T, True), "sw": _F64_RO, "order": _I64_RO, "theta": _a1(T),
+        "S": _a2(T), "sizes": _I64_RO, "thr": _I64_RO, "scales": _F64_RO,
+        "bufs": types.UniTuple(_a1(T), 5), "offs": types.UniTuple(_a1(types.int64), 4),
+        "codes": types.UniTuple(_i64, 3), "hyper": types.UniTuple(_f64, 6),
+    }  # fmt: skip
+
+
+def _forward_block_sig(T):
+    a = _block_arg_types(T)
+    return _f64(
+        _i64, _i64, _i64, _i64, _i64, _i64,  # c, n_chunks, nb, start, rows, pan
+        a["X"], a["Yl"], a["Yd"], _bool, a["sw"], _bool, a["order"], a["theta"], a["sizes"],  # ... sizes
+        a["bufs"], a["offs"], _a2(T), _a1(_f64), a["thr"], a["scales"],  # bufs, offs, T, wts, thresholds, scales
+        types.uint64, _i64, a["codes"], _bool, _f64, _a1(_i64),  # seed, gstep, codes, subset, s, part_corr
+    )  # fmt: skip
+
+
+def _update_block_sig(T):
+    a = _block_arg_types(T)
+    return _f64(
+        _i64, _i64, _i64, _i64, _i64,  # c, n_chunks, nb, rows, pan
+        a["theta"], a["S"], _a1(T), a["sizes"], a["bufs"], a["offs"], a["thr"],  # theta, S, grad, ... thresholds
+        _i64, _f64, _f64, _f64, _f64, _f64, a["hyper"],  # opt, lr, dec, l1s, alpha, alpha_s, hyper
+    )  # fmt: skip
+
+
+@_kernel(_forward_block_sig)
+def forward_block(c, n_chunks, nb, start, rows, pan, X, Yl, Yd, dense, sw, weighted, order, theta, sizes, bufs,
+                  offs, T, wts, thresholds, scales, seed, gstep, codes, subset, s, part_corr):  # fmt: skip
+    """Phase 1 of a training step for row block ``c`` of ``n_chunks``: gather, forward, output delta and every
+    hidden delta (with the weights before the step).
+
+    ``bufs`` are the epoch's flat buffers ``(acts, ins, masks, deltas, panel)``, ``offs`` the offsets of each
+    layer's matrix in them and in theta ``(woff, aoff, moff, doff)`` (see :func:`train_epoch`), ``codes``
+    ``(hidden_act, output_act, loss)``.  Writes the block's correct rows to ``part_corr[c]`` and returns its
+    loss sum.  A kernel of its own (called by :func:`train_epoch` through a function pointer): compiled once
+    for both variants of the epoch, and the epoch's compilation does not optimize its code again.
+    """
+    _wide_vectors()
+    acts, ins, masks, deltas, panel = bufs
+    woff, aoff, moff, doff = offs
+    hidden_act, output_act, loss = codes
+    L = sizes.shape[0] - 1
+    r0 = (c * nb) // n_chunks
+    r1 = ((c + 1) * nb) // n_chunks
+    part_corr[c] = 0
+    if r1 <= r0:
+        return 0.0
+    A0 = _view(acts, 0, rows, sizes[0])
+    for r in range(r0, r1):
+        src = order[start + r]
+        _copy_row(X[src], A0[r])
+        _target_row(Yl, Yd, dense, src, T[r])
+        if weighted:
+            wts[r] = sw[src]
+    for i in range(L):
+        n_in = sizes[i]
+        n_out = sizes[i + 1]
+        A = _view(acts, aoff[i], rows, n_in)
+        if thresholds[i] < _FULL:
+            A_in = _view(ins, moff[i], rows, n_in)
+            _dropout_rows(A, _view(masks, moff[i], rows, n_in), A_in, _mask_key(seed, gstep, i), thresholds[i],
+                          scales[i], r0, r1)  # fmt: skip
+        else:
+            A_in = A
+        wo = woff[i]
+        Z = _view(acts, aoff[i + 1], rows, n_out)
+        _nt_rows(A_in, _view(theta, wo, n_out, n_in), Z, r0, r1)
+        bo = wo + n_out * n_in
+        _bias_act_rows(Z, theta[bo : bo + n_out], output_act if i == L - 1 else hidden_act, r0, r1)
+    k = sizes[L]
+    ls, nc = _output_rows(_view(acts, aoff[L], rows, k), T, output_act, loss, subset, wts, weighted, s,
+                          _view(deltas, doff[L - 1], rows, k), r0, r1)  # fmt: skip
+    part_corr[c] = nc
+    Pn = _view(panel, c * pan, pan // _TN_ROWS, _TN_ROWS)
+    for i in range(L - 1, 0, -1):
+        n_in = sizes[i]
+        n_out = sizes[i + 1]
+        D = _view(deltas, doff[i], rows, n_out)
+        Dp = _view(deltas, doff[i - 1], rows, n_in)
+        W = _view(theta, woff[i], n_out, n_in)
+        for p in range(r0, r1, _TN_ROWS):  # Dp rows r0..r1 = D rows r0..r1 @ W: the panel of D's rows
+            u = ((p - r0) // _TN_ROWS) * n_out
+            for t in range(_TN_ROWS):
+                d = D[_min(p + t, r1 - 1)]
+                for q in range(n_out):
+                    Pn[u + q, t] = d[q]
+        _tn_rows(Pn, n_out, W, Dp, r0, r1)
+        if thresholds[i] < _FULL:
+            _mul_rows(Dp, _view(masks, moff[i], rows, n_in), r0, r1)
+        _deriv_rows(_view(acts, aoff[i], rows, n_in), Dp, hidden_act, r0, r1)
+    return ls
+
+
+@_kernel(_update_block_sig)
+def update_block(c, n_chunks, nb, rows, pan, theta, S, grad, sizes, bufs, offs, thresholds, opt, lr, dec, l1s, alpha,
+                 alpha_s, hyper):  # fmt: skip
+    """Phase 2 of a training step for block ``c``: rows ``o0 <= o < o1`` of every ``W`` (and those biases).
+
+    The gradient ``D[:, o0:o1]^T A`` is one TN product over a panel of ``D``
+    packed 4 columns at a time (the bias gradient summed while packing),
+    followed by one pass of the optimizer over those rows of theta, the state
+    and the gradient.  ``hyper`` is
+    ``(momentum, beta1, beta2, a_adam, d_adam, eps)``.  Returns the block's
+    ``sum(W**2)`` before the step (float64; 0 without ``alpha``).
+    """
+    _wide_vectors()
+    acts, ins, _, deltas, panel = bufs
+    woff, aoff, moff, doff = offs
+    momentum, beta1, beta2, a_adam, d_adam, eps = hyper
+    L = sizes.shape[0] - 1
+    last = S.shape[0] - 1
+    Pn = _view(panel, c * pan, pan // _TN_ROWS, _TN_ROWS)
+    z = grad.dtype.type(0.0)
+    sq = 0.0
+    for i in range(L):
+        n_in = sizes[i]
+        n_out = sizes[i + 1]
+        o0 = (c * n_out) // n_chunks
+        o1 = ((c + 1) * n_out) // n_chunks
+        if o1 <= o0:
+            continue
+        D = _view(deltas, doff[i], rows, n_out)
+        A_in = _view(ins, moff[i], rows, n_in) if thresholds[i] < _FULL else _view(acts, aoff[i], rows, n_in)
+        wo = woff[i]
+        G = _view(grad, wo, n_out, n_in)
+        bo = wo + n_out * n_in
+        for p in range(o0, o1, _TN_ROWS):
+            nv = _min(_TN_ROWS, o1 - p)
+            u = ((p - o0) // _TN_ROWS) * nb
+            for t in range(_TN_ROWS):  # the panel of D[:, p..p+3], and the bias gradient from it
+                col = _min(p + t, o1 - 1)
+                gb = z
+                for q in range(nb):
+                    v = D[q, col]
+                    Pn[u + q, t] = v
+                    gb = gb + v
+                if t < nv:
+                    grad[bo + p + t] = gb
+            if alpha != 0.0:  # sum(W**2) of the block before the step, 4 rows at a time
+                p0 = wo + p * n_in
+                sq = sq + _sumsq(theta[p0 : p0 + nv * n_in])
+        _tn_rows(Pn, nb, A_in, G, o0, o1)
+        p0 = wo + o0 * n_in
+        p1 = wo + o1 * n_in
+        _opt_step(theta[p0:p1], grad[p0:p1], S[0, p0:p1], S[last, p0:p1], opt, lr, dec, l1s, alpha_s, momentum, beta1,
+                  beta2, a_adam, d_adam, eps)  # fmt: skip
+        q0 = bo + o0
+        q1 = bo + o1
+        _opt_step(theta[q0:q1], grad[q0:q1], S[0, q0:q1], S[last, q0:q1], opt, lr, 1.0, 0.0, 0.0, momentum, beta1,
+                  beta2, a_adam, d_adam, eps)  # fmt: skip
+    return sq
+
+
 def _train_epoch_sig(T):
-    I, F = _I64_RO, _F64_RO
+    a = _block_arg_types(T)
     args = (
-        _a2(T, True), I, _a2(T, True), _bool, F, _bool,  # X, Yl, Yd, dense, sw, weighted
-        I, _a1(T), _a2(T), I, F,  # order, theta, S, sizes, lrs
-        _i64, _i64, _i64, _i64,  # hidden_act, output_act, loss, batch_size
-        _f64, _f64, _f64, I, F,  # l2, l1, alpha, thresholds, scales
-        _i64, _f64, _f64, _f64, _f64, _i64,  # opt, momentum, beta1, beta2, eps, eps_mode
+        a["X"], a["Yl"], a["Yd"], _bool, a["sw"], _bool,  # X, Yl, Yd, dense, sw, weighted
+        a["order"], a["theta"], a["S"], a["sizes"], _F64_RO, a["codes"], _i64,  # order, theta, S, sizes, lrs, codes, bs
+        _f64, _f64, _f64, a["thr"], a["scales"],  # l2, l1, alpha, thresholds, scales
+        _i64, types.UniTuple(_f64, 4), _i64,  # opt, (momentum, beta1, beta2, eps), eps_mode
         types.uint64, _i64, _i64, _i64,  # seed, step0, t0, n_chunks
+        _i64, _i64, a["bufs"], a["offs"], _a2(T), _a1(_f64), _a1(T),  # rows, pan, bufs, offs, T, wts, grad
+        _a2(_f64), _a1(_i64),  # parts, part_corr
+        types.FunctionType(_forward_block_sig(T)), types.FunctionType(_update_block_sig(T)),  # fwd, upd
     )  # fmt: skip
     return types.Tuple((_f64, _f64, _i64))(*args)
 
 
 @_kernel(_train_epoch_sig, parallel=True)
 def train_epoch(
-    X, Yl, Yd, dense, sw, weighted, order, theta, S, sizes, lrs, hidden_act, output_act, loss, batch_size, l2, l1,
-    alpha, thresholds, scales, opt, momentum, beta1, beta2, eps, eps_mode, seed, step0, t0, n_chunks,
+    X, Yl, Yd, dense, sw, weighted, order, theta, S, sizes, lrs, codes, batch_size, l2, l1, alpha, thresholds, scales,
+    opt, opt_params, eps_mode, seed, step0, t0, n_chunks, rows, pan, bufs, offs, T, wts, grad, parts, part_corr, fwd,
+    upd,
 ):  # fmt: skip
     """One training epoch on the flat parameters ``theta`` and optimizer state ``S``, in place.
+
+    Each step runs two phases over ``n_chunks`` blocks, in parallel (``prange``) in the parallel variant:
+    :data:`forward_block` (row blocks: gather, forward, output and hidden deltas) and :data:`update_block`
+    (row blocks of every ``W``: gradient and optimizer).  The blocks are kernels of their own, passed in as
+    ``fwd`` and ``upd`` and called through function pointers, so that their code is compiled once for both
+    variants of the epoch and this kernel stays small.  The result depends on ``n_chunks``, never on the
+    thread count.  The caller allocates every buffer (no allocation here).
 
     Parameters
     ----------
@@ -798,7 +1259,7 @@ def train_epoch(
         place (for ``gradient``: slot 0 receives the last step's gradient).
     sizes : ndarray of int64 (n_layers + 1,)
     lrs : ndarray of float64 (n_steps,)
-    hidden_act, output_act, loss : int
+    codes : (hidden_act, output_act, loss)
     batch_size : int
     l2, l1, alpha : float
     thresholds : ndarray of int64 (n_layers,)
@@ -807,7 +1268,7 @@ def train_epoch(
         Multiplier of kept units.
     opt : int
         Optimizer code.
-    momentum, beta1, beta2, eps : float
+    opt_params : (momentum, beta1, beta2, eps)
     eps_mode : int
     seed : uint64
     step0 : int
@@ -815,10 +1276,22 @@ def train_epoch(
     t0 : int
         The optimizer's step count before the epoch (Adam's ``t - 1`` of the first step).
     n_chunks : int
-        Each minibatch is split into ``n_chunks`` row blocks for the forward
-        and delta passes and each ``W`` into ``n_chunks`` row blocks for the
-        update, run in parallel (``prange``) when compiled parallel.  The
-        result depends on ``n_chunks``, never on the thread count.
+        Blocks of each phase.
+    rows, pan : int
+        Rows of the buffers (the batch, at least 1) and elements of a block's panel (a multiple of 4: 4 columns
+        by the block's rows of a TN product, rounded up to 4, times its reduction, the batch or a width).
+    bufs : (acts, ins, masks, deltas, panel)
+        Flat buffers: every layer's input and output activation (``rows`` rows each), the dropout masks and
+        dropped-out inputs of the layers with dropout, the deltas, and one panel ``(pan / 4, 4)`` a block.
+    offs : (woff, aoff, moff, doff)
+        Where each layer's matrix starts: ``W_l`` in theta (``b_l`` follows it), its input in ``acts``
+        (``aoff[L]``: the output), its mask and dropped-out input, its delta.
+    T, wts, grad : ndarray
+        The minibatch's target rows ``(rows, n_out)`` and weights, the gradient (laid out as theta).
+    parts, part_corr : ndarray
+        Per-block partial sums ``(2, n_chunks)`` (loss, squared weights) and correct counts.
+    fwd, upd : compiled functions
+        :data:`forward_block` and :data:`update_block` of this dtype.
 
     Returns
     -------
@@ -828,45 +1301,18 @@ def train_epoch(
         The ``alpha`` penalty summed over the epoch, from the weights before each step.
     n_correct : int
     """
-    dt = X.dtype
-    Ws, bs_ = _unpack(theta, sizes)
-    L = len(Ws)
-    k = sizes[L]
+    momentum, beta1, beta2, eps = opt_params
     n = order.shape[0]
-    bsz = min(batch_size, n)
     n_steps = (n + batch_size - 1) // batch_size
-    last = S.shape[0] - 1  # Adam's second moments (the only slot of a one-slot optimizer: unused then)
-    # buffers, allocated once per epoch at the full batch size
-    acts = [np.empty((bsz, sizes[i]), dt) for i in range(L + 1)]  # raw activations; acts[0] = gathered X
-    drop = [thresholds[i] < _FULL for i in range(L)]
-    masks = [np.empty((bsz if drop[i] else 0, sizes[i]), dt) for i in range(L)]
-    ins = [np.empty((bsz if drop[i] else 0, sizes[i]), dt) for i in range(L)]  # dropped-out layer inputs
-    deltas = [np.empty((bsz, sizes[i + 1]), dt) for i in range(L)]
-    T = np.empty((bsz, k), dt)  # the minibatch's target rows
-    wts = np.empty(bsz if weighted else 0)  # and their weights
-    grad = np.empty(theta.shape[0], dt)  # the gradient, laid out as theta
-    woff = np.empty(L, np.int64)  # offset of W_l in theta; b_l follows it
-    max_out = 0
-    off = 0
-    for i in range(L):
-        woff[i] = off
-        off += sizes[i + 1] * sizes[i] + sizes[i + 1]
-        max_out = max(max_out, sizes[i + 1])
-    # per chunk: a contiguous copy of its column block of a delta, so that the
-    # gradient block D[:, o0:o1].T @ A goes to BLAS as a plain transposed matrix
-    dblk = np.empty((n_chunks, bsz * ((max_out + n_chunks - 1) // n_chunks)), dt)
-    # per-block partial sums; every entry is written before it is read (np.empty: in the parallel variant
-    # np.zeros would become one more parallel loop to compile and launch)
-    part_loss = np.empty(n_chunks)
-    part_corr = np.empty(n_chunks, np.int64)
-    part_sq = np.empty(n_chunks)
-    subset = dense and output_act == _SIG
+    subset = dense and codes[1] == _SIG
     loss_sum = 0.0
     pen_sum = 0.0
     n_correct = 0
     for step in range(n_steps):
         start = step * batch_size
-        nb = min(batch_size, n - start)
+        nb = n - start
+        if nb > batch_size:
+            nb = batch_size
         lr = lrs[step]
         gstep = step0 + step
         s = np.float64(nb)
@@ -884,80 +1330,28 @@ def train_epoch(
         else:
             a_adam = lr * math.sqrt(c2) / c1
             d_adam = 1.0
-        dec = max(0.0, 1.0 - lr * l2)
-        l1s = lr * l1
-        alpha_s = alpha / s
-        # ---- phase 1: row blocks; gather, forward, output delta and every
-        # hidden delta (all with the not-yet-updated weights, as the reference)
-        for c in prange(n_chunks):
-            r0 = (c * nb) // n_chunks
-            r1 = ((c + 1) * nb) // n_chunks
-            part_loss[c] = 0.0
-            part_corr[c] = 0
-            if r1 > r0:
-                for r in range(r0, r1):
-                    src = order[start + r]
-                    _copy_row(X[src], acts[0][r])
-                    _target_row(Yl, Yd, dense, src, T[r])
-                    if weighted:
-                        wts[r] = sw[src]
-                for i in range(L):
-                    if drop[i]:
-                        key = _mask_key(seed, gstep, i)
-                        _dropout_rows(acts[i], masks[i], ins[i], key, thresholds[i], scales[i], r0, r1)
-                        A_in = ins[i][r0:r1]
-                    else:
-                        A_in = acts[i][r0:r1]
-                    Z = acts[i + 1][r0:r1]
-                    np.dot(A_in, Ws[i].T, Z)
-                    _bias_act_rows(Z, bs_[i], output_act if i == L - 1 else hidden_act, 0, r1 - r0)
-                ls, nc = _output_rows(acts[L], T, output_act, loss, subset, wts, weighted, s, deltas[L - 1], r0, r1)
-                part_loss[c] = ls
-                part_corr[c] = nc
-                for i in range(L - 1, 0, -1):
-                    Dp = deltas[i - 1][r0:r1]
-                    np.dot(deltas[i][r0:r1], Ws[i], Dp)
-                    if drop[i]:
-                        _mul_rows(deltas[i - 1], masks[i], r0, r1)
-                    _deriv_rows(acts[i], deltas[i - 1], hidden_act, r0, r1)
+        dec = 1.0 - lr * l2
+        if dec < 0.0:
+            dec = 0.0
+        hyper = (momentum, beta1, beta2, a_adam, d_adam, eps)
+        # the two phases: the row blocks (forward and deltas with the weights before the step), then the row
+        # blocks of every W (gradient and update); one parallel loop for both
+        for phase in range(2):
+            for c in prange(n_chunks):
+                if phase == 0:
+                    parts[0, c] = fwd(np.int64(c), n_chunks, nb, start, rows, pan, X, Yl, Yd, dense, sw, weighted,
+                                      order, theta, sizes, bufs, offs, T, wts, thresholds, scales, seed, gstep, codes,
+                                      subset, s, part_corr)  # fmt: skip
+                else:
+                    parts[1, c] = upd(np.int64(c), n_chunks, nb, rows, pan, theta, S, grad, sizes, bufs, offs,
+                                      thresholds, opt, lr, dec, lr * l1, alpha, alpha / s, hyper)  # fmt: skip
         ls = 0.0
+        sq = 0.0
         for c in range(n_chunks):
-            ls = ls + part_loss[c]
+            ls = ls + parts[0, c]
+            sq = sq + parts[1, c]
             n_correct = n_correct + part_corr[c]
         loss_sum = loss_sum + (nb * ls / s if weighted else ls)
-        # ---- phase 2: row blocks of every W (and the matching biases): gradient gemm, then one fused pass of
-        # the optimizer over the block of theta, the state slots and the gradient
-        for c in prange(n_chunks):
-            sq = 0.0
-            for i in range(L):
-                n_in = sizes[i]
-                n_out = sizes[i + 1]
-                o0 = (c * n_out) // n_chunks
-                o1 = ((c + 1) * n_out) // n_chunks
-                w = o1 - o0
-                if w > 0:
-                    D = deltas[i]
-                    Dc = dblk[c, : nb * w].reshape((nb, w))
-                    for r in range(nb):
-                        for j in range(w):
-                            Dc[r, j] = D[r, o0 + j]
-                    A_in = ins[i][:nb] if drop[i] else acts[i][:nb]
-                    p0 = woff[i] + o0 * n_in
-                    p1 = p0 + w * n_in
-                    np.dot(Dc.T, A_in, grad[p0:p1].reshape((w, n_in)))
-                    if alpha != 0.0:
-                        sq = sq + _sumsq(theta[p0:p1])
-                    _opt_step(theta[p0:p1], grad[p0:p1], S[0, p0:p1], S[last, p0:p1], opt, lr, dec, l1s, alpha_s,
-                              momentum, beta1, beta2, a_adam, d_adam, eps)  # fmt: skip
-                    q0 = woff[i] + n_out * n_in + o0
-                    q1 = q0 + w
-                    _col_sums(Dc, grad[q0:q1])
-                    _opt_step(theta[q0:q1], grad[q0:q1], S[0, q0:q1], S[last, q0:q1], opt, lr, 1.0, 0.0, 0.0,
-                              momentum, beta1, beta2, a_adam, d_adam, eps)  # fmt: skip
-            part_sq[c] = sq
         if alpha != 0.0:
-            sq = 0.0
-            for c in range(n_chunks):
-                sq = sq + part_sq[c]
             pen_sum = pen_sum + nb * (0.5 * alpha * sq / s)
     return loss_sum, pen_sum, n_correct
