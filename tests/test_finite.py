@@ -35,7 +35,8 @@ def test_compiled_all_finite_matches_numpy(dtype, rng):
                 assert not _k.all_finite([b]), (n, pos, bad)
                 assert not _k.all_finite([a, b]) and not _k.all_finite([b, a])
                 assert V.all_finite(b) == bool(np.isfinite(b).all()) is False
-        assert _k.all_finite([a.reshape(1, n), np.zeros((0, 3), dtype)])
+        assert _k.all_finite([a.reshape(1, n), np.zeros((0, 3), dtype), a.view(np.memmap)])
+        assert not _k.all_finite([b.view(np.memmap)])
     with pytest.raises(TypeError, match="C-contiguous"):
         _k.all_finite([np.zeros((4, 4), dtype)[:, ::2]])
     with pytest.raises(TypeError, match="float32 or float64"):

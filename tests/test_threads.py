@@ -201,7 +201,14 @@ def test_children_train_after_the_parent_ran_threads(backend, method):
         pytest.fail(f"{method} child on {backend} gave no result (exit code {proc.exitcode}): it hung or died")
     proc.join(60)
     assert proc.exitcode == 0
-    assert got == [p.tobytes() for p in parent], "the child's fit differs from the parent's"
+    if method == "fork" or backend != "numba":
+        assert got == [p.tobytes() for p in parent], "the child's fit differs from the parent's"
+    else:
+        # A fresh process loads Numba's kernels from the disk cache the parent may have just written; code
+        # Numba compiled in this process and code it loaded from its cache can round the last bit differently
+        # (5.6e-17 measured here; docs/reliability.md), so these children agree to rounding, not bit for bit.
+        for a, p in zip(got, parent, strict=True):
+            np.testing.assert_allclose(np.frombuffer(a, p.dtype), p.ravel(), rtol=1e-12, atol=1e-15)
     if method == "fork" and _threads._threads_used:
         assert forked and budget == 1
     else:

@@ -1559,7 +1559,7 @@ def all_finite(list arrays):
     cdef Py_ssize_t n
     cdef bint ok
     for obj in arrays:
-        if type(obj) is not np.ndarray:
+        if not isinstance(obj, np.ndarray):  # subclasses (np.memmap, ...) are arrays too
             raise TypeError(f"all_finite takes numpy arrays, got {type(obj).__name__}")
         a = <cnp.ndarray>obj
         if not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
