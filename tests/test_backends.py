@@ -250,38 +250,62 @@ def test_inplace_update(be, dtype, shape, lr, l2, l1):
 
 
 # ------------------------------------------------------------------ products over every tile remainder
-#: rows, inputs and outputs around the register tiles of the AVX-512 kernels (4 rows x 5 outputs for the
-#: forward product; 6 rows x 4 vectors of 16 float32 / 8 float64 for the update and the hidden delta) and
-#: the vector widths, so that every partial tile and masked tail runs at least once
-TILE_ROWS = (1, 2, 3, 4, 5, 6, 7, 9, 13)
-TILE_INPUTS = (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100, 131)
-TILE_OUTPUTS = (1, 4, 5, 6, 7, 11, 13)
+#: rows, inputs and outputs around the register tiles of the SIMD kernels of both builds and their vector
+#: widths, so that every partial tile, panel and masked tail runs at least once.  avx512: the outer-product
+#: kernel (forward on the transposed W, hidden delta, update) tiles up to 6 rows by 4 vectors of 16 float32 /
+#: 8 float64, the inference kernel (dot products) 4 rows by 5 outputs; avx2 (only when compiled with
+#: FASTMLP_AVX2_GEMM): 4 rows by 3 vectors of 8 / 4, and 4 rows by 3 outputs.  The transposed copy of W goes
+#: in blocks of one vector width square.
+TILE_ROWS = (1, 2, 3, 4, 5, 6, 7, 9, 12, 13)
+#: widths of the vectorized dimension (a forward's outputs, a hidden delta's or an update's inputs)
+TILE_WIDTHS = (1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100, 131)
+#: the other dimension, taken in turn
+TILE_OTHER = (1, 5, 13, 6, 7)
+#: reductions longer than one block of the kernel's accumulation (avx512: 64 values of q, avx2: 256)
+LONG_REDUCTIONS = (255, 256, 257, 300, 520)
+
+
+def _check_products(be, rng, dtype, n, n_in, n_out, l2s=(0.0, 0.3, 20.0)):
+    what = f"n={n} n_in={n_in} n_out={n_out}"
+    A, W, b = _layer(rng, dtype, n, n_in, n_out)
+    out = np.full((n, n_out), np.nan, dtype)
+    be.forward(A, W, b, "identity", out=out)
+    _assert_close(out, REF.forward(A, W, b, "identity"), dtype, "forward " + what)
+    D = rng.normal(size=(n, n_out)).astype(dtype)
+    H = rng.uniform(size=(n, n_in)).astype(dtype)
+    got = np.full((n, n_in), np.nan, dtype)
+    be.hidden_delta(D, W, H, "sigmoid", out=got)
+    _assert_close(got, REF.hidden_delta(D, W, H, "sigmoid"), dtype, "hidden delta " + what)
+    for l2 in l2s:  # 20: lr * l2 > 1 clamps the decay to 0
+        W1, b1, W2, b2 = W.copy(), b.copy(), W.copy(), b.copy()
+        be.inplace_update(W1, b1, D, A, 0.1, l2, 0.0)
+        REF.inplace_update(W2, b2, D, A, 0.1, l2, 0.0)
+        _assert_close(W1, W2, dtype, f"update l2={l2} " + what)
+        _assert_close(b1, b2, dtype, f"update bias l2={l2} " + what)
+    P = be.forward_network(A, [W], [b], "identity", "identity")  # inference: the products on W as stored
+    _assert_close(P, REF.forward(A, W, b, "identity"), dtype, "forward_network " + what)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_products_over_every_tile_remainder(be, dtype):
-    """Forward, hidden delta and update against the reference for every combination of tile remainders,
-    with NaN in the output buffers the kernels must not read (``beta = 0``)."""
+    """Forward, hidden delta, update and inference against the reference for every combination of tile
+    remainders, with NaN in the output buffers the kernels must not read (``beta = 0``)."""
     rng = _rng("tiles", dtype)
     for n in TILE_ROWS:
-        for n_in in TILE_INPUTS:
-            for n_out in TILE_OUTPUTS:
-                what = f"n={n} n_in={n_in} n_out={n_out}"
-                A, W, b = _layer(rng, dtype, n, n_in, n_out)
-                out = np.full((n, n_out), np.nan, dtype)
-                be.forward(A, W, b, "identity", out=out)
-                _assert_close(out, REF.forward(A, W, b, "identity"), dtype, "forward " + what)
-                D = rng.normal(size=(n, n_out)).astype(dtype)
-                H = rng.uniform(size=(n, n_in)).astype(dtype)
-                got = np.full((n, n_in), np.nan, dtype)
-                be.hidden_delta(D, W, H, "sigmoid", out=got)
-                _assert_close(got, REF.hidden_delta(D, W, H, "sigmoid"), dtype, "hidden delta " + what)
-                for l2 in (0.0, 0.3, 20.0):  # 20: lr * l2 > 1 clamps the decay to 0
-                    W1, b1, W2, b2 = W.copy(), b.copy(), W.copy(), b.copy()
-                    be.inplace_update(W1, b1, D, A, 0.1, l2, 0.0)
-                    REF.inplace_update(W2, b2, D, A, 0.1, l2, 0.0)
-                    _assert_close(W1, W2, dtype, f"update l2={l2} " + what)
-                    _assert_close(b1, b2, dtype, f"update bias l2={l2} " + what)
+        for i, w in enumerate(TILE_WIDTHS):
+            other = TILE_OTHER[(i + n) % len(TILE_OTHER)]
+            _check_products(be, rng, dtype, n, w, other)  # updates and hidden deltas w wide, a short forward
+            _check_products(be, rng, dtype, n, other, w, l2s=(0.3,))  # forwards w wide, updates of w rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_products_over_long_reductions(be, dtype):
+    """Sums longer than the kernels' accumulation blocks: many inputs (forward), many outputs (hidden delta)
+    and many rows (update), each against the reference."""
+    rng = _rng("long", dtype)
+    for q in LONG_REDUCTIONS:
+        for n, n_in, n_out in ((5, q, 17), (q, 33, 7), (7, 19, q), (q, q, 3)):
+            _check_products(be, rng, dtype, n, n_in, n_out, l2s=(0.3,))
 
 
 # ------------------------------------------------------------------ dropout
@@ -567,6 +591,18 @@ def _python(code, **env):
 
 
 @needs_cython
+def test_cython_fma_peak():
+    """The compiled FMA loop that ``fastmlp bench`` calls as ``fma_peak(dtype, n_threads)``: GFLOP/s, positive."""
+    import fastmlp.backends.cython as cy
+
+    for dtype in ("float32", "float64"):
+        assert cy._k.fma_peak(dtype, 1, seconds=0.005, repeats=1) > 0
+    assert cy._k.fma_peak("float32", 2, seconds=0.005, repeats=1) > 0
+    with pytest.raises(ValueError):
+        cy._k.fma_peak("int32")
+
+
+@needs_cython
 def test_cython_variant_and_isa_override():
     import fastmlp.backends.cython as cy
 
@@ -574,7 +610,8 @@ def test_cython_variant_and_isa_override():
     forced = os.environ.get("FASTMLP_CYTHON_ISA")
     best = "avx512" if cy.cpu_has_avx512() else "avx2" if cy.cpu_has_avx2() else "baseline"
     assert cy.VARIANT == (forced or best)
-    assert cy.SIMD_GEMM == (cy.VARIANT == "avx512")
+    assert cy.SIMD_GEMM == (cy.VARIANT == "avx512")  # avx2 keeps BLAS: its own kernels measured slower
+    assert cy._k.ISA == cy.VARIANT
     code = (
         "import numpy as np, fastmlp.backends.cython as cy\n"
         "from fastmlp import get_backend\n"

@@ -48,17 +48,28 @@ DEBUG_BUILD = bool(FASTMLP_DEBUG_BUILD)
 
 cdef extern from "_simd_gemm.h" nogil:
     int FM_SIMD_GEMM
+    const char* FM_ISA_NAME
+    int FM_PEAK_CHAINS
+    int FM_PEAK_LANES_F32
+    int FM_PEAK_LANES_F64
     void fm_nt_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
                    float* C, int64_t ldc)
     void fm_nt_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* W, int64_t ldw,
                    double* C, int64_t ldc)
-    void fm_tn_f32(int64_t P, int64_t K, int64_t Q, const float* S, int64_t sp, int64_t sq, const float* R,
-                   int64_t ldr, float* C, int64_t ldc, float alpha, float beta)
-    void fm_tn_f64(int64_t P, int64_t K, int64_t Q, const double* S, int64_t sp, int64_t sq, const double* R,
-                   int64_t ldr, double* C, int64_t ldc, double alpha, double beta)
+    void fm_gemm_f32(int64_t P, int64_t K, int64_t Q, float** lrow, int64_t ls, float** rrow, int64_t roff,
+                     float* C, int64_t ldc, float alpha, float beta)
+    void fm_gemm_f64(int64_t P, int64_t K, int64_t Q, double** lrow, int64_t ls, double** rrow, int64_t roff,
+                     double* C, int64_t ldc, double alpha, double beta)
+    void fm_transpose_f32(int64_t rows, int64_t cols, const float* S, int64_t lds, float* D, int64_t ldd)
+    void fm_transpose_f64(int64_t rows, int64_t cols, const double* S, int64_t lds, double* D, int64_t ldd)
+    double fm_fma_peak_f32(int64_t iters)
+    double fm_fma_peak_f64(int64_t iters)
 
-#: whether this build has its own SIMD matrix kernels (the AVX-512 build); otherwise SciPy's BLAS does the products
+#: whether this build has its own SIMD matrix kernels (avx512; avx2 only when compiled with FASTMLP_AVX2_GEMM);
+#: otherwise SciPy's BLAS does the products
 SIMD_GEMM = bool(FM_SIMD_GEMM)
+#: the instruction set this build's kernels were compiled for: 'avx512', 'avx2' or 'baseline'
+ISA = FM_ISA_NAME.decode()
 
 cdef extern from *:
     """
@@ -198,7 +209,8 @@ cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, fl
 # --------------------------------------------------------------- matrix products
 cdef inline void _prod_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating* A, Py_ssize_t lda, floating* W,
                           Py_ssize_t ldw, floating* C, Py_ssize_t ldc) noexcept nogil:
-    """``C (m, n) = A (m, k) @ W (n, k).T``; ``m, n, k >= 1``."""
+    """``C (m, n) = A (m, k) @ W (n, k).T`` on ``W`` as stored (inference; BLAS builds: every forward pass);
+    ``m, n, k >= 1``."""
     if FM_SIMD_GEMM:
         if floating is float:
             fm_nt_f32(m, n, k, A, lda, W, ldw, C, ldc)
@@ -212,21 +224,55 @@ cdef inline void _prod_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating* A,
 cdef inline void _prod_tn(Py_ssize_t p, Py_ssize_t k, Py_ssize_t q, floating* S, Py_ssize_t sp, Py_ssize_t sq,
                           floating* R, Py_ssize_t ldr, floating* C, Py_ssize_t ldc, floating alpha,
                           floating beta) noexcept nogil:
-    """``C (p, k) = beta C + alpha S (p, q) @ R (q, k)``, ``S`` with strides ``(sp, sq)``, one of them 1.
-
-    ``beta == 0`` never reads ``C``; ``p, k >= 1``, ``q >= 0``.
-    """
-    if FM_SIMD_GEMM:
-        if floating is float:
-            fm_tn_f32(p, k, q, S, sp, sq, R, ldr, C, ldc, alpha, beta)
-        else:
-            fm_tn_f64(p, k, q, S, sp, sq, R, ldr, C, ldc, alpha, beta)
-    elif sp == 1 and (sq != 1 or p == 1):
+    """BLAS builds: ``C (p, k) = beta C + alpha S (p, q) @ R (q, k)``, ``S`` with strides ``(sp, sq)``, one of
+    them 1.  ``beta == 0`` never reads ``C``; ``p, k >= 1``, ``q >= 0``."""
+    if sp == 1 and (sq != 1 or p == 1):
         # C.T (k, p) = alpha R.T (k, q) @ S (q, p) [S.T in column-major, ld sq] + beta C.T
         _gemm(NOTRANS, TRANS, <int>k, <int>p, <int>q, alpha, R, <int>ldr, S, <int>sq, beta, C, <int>ldc)
     else:
         # C.T (k, p) = alpha R.T (k, q) @ S.T (q, p) [S column-major (q, p), ld sp] + beta C.T
         _gemm(NOTRANS, NOTRANS, <int>k, <int>p, <int>q, alpha, R, <int>ldr, S, <int>sp, beta, C, <int>ldc)
+
+
+cdef inline void _mm(Py_ssize_t P, Py_ssize_t K, Py_ssize_t Q, floating** lrow, Py_ssize_t ls, floating** rrow,
+                     Py_ssize_t roff, floating* C, Py_ssize_t ldc, floating alpha, floating beta) noexcept nogil:
+    """SIMD builds: ``C (P, K) = beta C + alpha L (P, Q) @ R (Q, K)`` with ``L[i][q] = lrow[i][q * ls]`` and
+    ``R[q][j] = rrow[q][roff + j]`` (the outer-product kernel ``fm_gemm``; ``beta == 0`` never reads ``C``)."""
+    if floating is float:
+        fm_gemm_f32(P, K, Q, lrow, ls, rrow, roff, C, ldc, alpha, beta)
+    else:
+        fm_gemm_f64(P, K, Q, lrow, ls, rrow, roff, C, ldc, alpha, beta)
+
+
+cdef inline void _transpose(Py_ssize_t rows, Py_ssize_t cols, floating* S, Py_ssize_t lds, floating* D,
+                            Py_ssize_t ldd) noexcept nogil:
+    """``D[j][i] = S[i][j]`` for ``i < rows``, ``j < cols``."""
+    if floating is float:
+        fm_transpose_f32(rows, cols, S, lds, D, ldd)
+    else:
+        fm_transpose_f64(rows, cols, S, lds, D, ldd)
+
+
+def _ld(Py_ssize_t n, Py_ssize_t itemsize):
+    """Row stride (elements) of a work buffer ``n`` wide in SIMD builds: whole cache lines, and an odd number of
+    them once a row is wider than one register tile, so that the rows of a tile's column panel spread over
+    every cache set instead of a few (a row of 1024 float32, 4 KiB, would put them all in one)."""
+    cdef Py_ssize_t lines = (n * itemsize + 63) // 64
+    if lines > 4 and lines % 2 == 0:
+        lines += 1
+    return max(1, lines * 64 // itemsize)
+
+
+cdef object _rows_at(size_t base, Py_ssize_t n, Py_ssize_t stride_bytes):
+    """``n`` addresses ``base + i * stride_bytes`` as a ``uintp`` array (a row table of the SIMD products)."""
+    return np.arange(n, dtype=np.uintp) * np.uintp(stride_bytes) + np.uintp(base)
+
+
+cdef object _rows(object a, Py_ssize_t n, Py_ssize_t stride, Py_ssize_t offset=0):
+    """The addresses of ``n`` rows of ``a``: ``a + offset + i * stride`` (elements), as a ``uintp`` array."""
+    cdef Py_ssize_t item = (<cnp.ndarray>a).itemsize
+    return (np.arange(n, dtype=np.uintp) * np.uintp(stride * item)
+            + np.uintp(<size_t>cnp.PyArray_DATA(<cnp.ndarray>a) + <size_t>(offset * item)))
 
 
 # --------------------------------------------------------------- activations
@@ -327,6 +373,18 @@ cdef void _forward_rows(floating* A, floating* W, floating* b, floating* Z, Py_s
         _bias_act_row(Z + r * n_out, b, n_out, act)
 
 
+cdef void _forward_rows_t(floating** lrow, floating** wt_rows, floating* b, floating* Z, Py_ssize_t ldz, Py_ssize_t n,
+                          Py_ssize_t n_in, Py_ssize_t n_out, int act) noexcept nogil:
+    """SIMD builds: ``Z (n, n_out; ldz) = act(A W.T + b)`` with the rows of ``A`` in ``lrow`` and the rows of the
+    transposed ``W`` (``n_in`` of them) in ``wt_rows``: the outer-product kernel, then bias and activation."""
+    cdef Py_ssize_t r
+    if n <= 0 or n_out <= 0:
+        return
+    _mm(n, n_out, n_in, lrow, 1, wt_rows, 0, Z, ldz, <floating>1, <floating>0)
+    for r in range(n):
+        _bias_act_row(Z + r * ldz, b, n_out, act)
+
+
 cdef inline void _deriv(floating* d, floating* a, floating* m, Py_ssize_t n, int act) noexcept nogil:
     """``d <- d * m * act'(a)`` over ``n`` contiguous elements, the derivative written from the output ``a``."""
     cdef Py_ssize_t i
@@ -342,6 +400,17 @@ cdef inline void _deriv(floating* d, floating* a, floating* m, Py_ssize_t n, int
     elif act == ACT_RELU:
         for i in range(n):
             d[i] = 0 if a[i] <= 0 else d[i]
+
+
+cdef void _deriv_rows(floating* d, floating* a, floating* m, Py_ssize_t nr, Py_ssize_t n, Py_ssize_t ld,
+                      int act) noexcept nogil:
+    """:func:`_deriv` on ``nr`` rows of ``n`` elements ``ld`` apart (``m`` NULL: no mask)."""
+    cdef Py_ssize_t r
+    if ld == n:
+        _deriv(d, a, m, nr * n, act)
+        return
+    for r in range(nr):
+        _deriv(d + r * ld, a + r * ld, m + r * ld if m != NULL else NULL, n, act)
 
 
 # --------------------------------------------------------------- output delta
@@ -588,35 +657,49 @@ cdef inline floating _l1_step(floating w, floating c) noexcept nogil:
     return c if w > 0 else (-c if w < 0 else 0)
 
 
-cdef double _sumsq(floating* W, Py_ssize_t n_out, Py_ssize_t n_in, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
-    """Sum of squares (float64) of the columns ``[j0, j1)`` of ``W (n_out, n_in)``."""
+cdef double _sumsq(floating* W, Py_ssize_t n_out, Py_ssize_t ldw, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """Sum of squares (float64) of the columns ``[j0, j1)`` of ``W (n_out, .)`` with row stride ``ldw``."""
     cdef double acc = 0.0, w
     cdef Py_ssize_t o, j
     cdef floating* row
     for o in range(n_out):
-        row = W + o * n_in
+        row = W + o * ldw
         for j in range(j0, j1):
             w = <double>row[j]
             acc += w * w
     return acc
 
 
-cdef inline void _bias_grad(floating* D, Py_ssize_t n, Py_ssize_t n_out, Py_ssize_t o0, Py_ssize_t o1,
+cdef inline void _bias_grad(floating* D, Py_ssize_t ldd, Py_ssize_t n, Py_ssize_t o0, Py_ssize_t o1,
                             floating* g) noexcept nogil:
-    """``g[o] = sum_r D[r, o]`` for the units ``[o0, o1)`` of ``D (n, n_out)``."""
+    """``g[o] = sum_r D[r, o]`` for the units ``[o0, o1)`` of ``D (n, .)`` with row stride ``ldd``."""
     cdef Py_ssize_t o, r
     cdef floating s
     for o in range(o0, o1):
         s = 0
         for r in range(n):
-            s = s + D[r * n_out + o]
+            s = s + D[r * ldd + o]
         g[o] = s
 
 
-cdef void _sgd_block(floating* W, floating* b, floating* D, floating* A, Py_ssize_t n, Py_ssize_t n_out,
-                     Py_ssize_t n_in, double lr, double beta, double l1, Py_ssize_t j0, Py_ssize_t j1,
-                     Py_ssize_t o0, Py_ssize_t o1) noexcept nogil:
-    """SGD step on the input columns ``[j0, j1)`` of ``W (n_out, n_in)`` and the units ``[o0, o1)`` of ``b``.
+cdef inline void _grad_block(floating* G, Py_ssize_t ldg, floating* D, Py_ssize_t ldd, floating* A, Py_ssize_t lda,
+                             floating** dt_rows, floating** a_rows, Py_ssize_t n, Py_ssize_t n_out, Py_ssize_t j0,
+                             Py_ssize_t j1, floating alpha, floating beta) noexcept nogil:
+    """``G[:, j0:j1] = beta G[:, j0:j1] + alpha D.T A[:, j0:j1]`` with ``D (n, n_out; ldd)`` and ``A (n, .; lda)``:
+    SIMD builds read ``D`` transposed through ``dt_rows`` (``D + o``, step ``ldd``) and ``A`` through ``a_rows``."""
+    if j1 <= j0:
+        return
+    if FM_SIMD_GEMM:
+        _mm(n_out, j1 - j0, n, dt_rows, ldd, a_rows, j0, G + j0, ldg, alpha, beta)
+    else:
+        _prod_tn(n_out, j1 - j0, n, D, 1, ldd, A + j0, lda, G + j0, ldg, alpha, beta)
+
+
+cdef void _sgd_block(floating* W, Py_ssize_t ldw, floating* b, floating* D, Py_ssize_t ldd, floating* A,
+                     Py_ssize_t lda, floating** dt_rows, floating** a_rows, Py_ssize_t n, Py_ssize_t n_out,
+                     double lr, double beta, double l1, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t o0,
+                     Py_ssize_t o1) noexcept nogil:
+    """SGD step on the input columns ``[j0, j1)`` of ``W (n_out, .; ldw)`` and the units ``[o0, o1)`` of ``b``.
 
     ``W <- beta W - lr l1 sign(W) - lr D.T A`` with ``D (n, n_out)``, ``A (n, n_in)`` and ``beta`` the
     decay less ``lr alpha / s`` (scikit-learn's penalty, folded in): without L1 ``beta`` is the
@@ -631,7 +714,7 @@ cdef void _sgd_block(floating* W, floating* b, floating* D, floating* A, Py_ssiz
         fb = <floating>beta
         c = <floating>(lr * l1)
         for o in range(n_out):
-            row = W + o * n_in
+            row = W + o * ldw
             for j in range(j0, j1):
                 w = row[j]
                 row[j] = fb * w - _l1_step(w, c)
@@ -639,13 +722,12 @@ cdef void _sgd_block(floating* W, floating* b, floating* D, floating* A, Py_ssiz
     else:
         fb = <floating>beta
     # W[:, j0:j1] (n_out, j1 - j0) = fb W[:, j0:j1] - lr D.T (n_out, n) @ A[:, j0:j1] (n, j1 - j0)
-    if j1 > j0:
-        _prod_tn(n_out, j1 - j0, n, D, 1, n_out, A + j0, n_in, W + j0, n_in, <floating>(-lr), fb)
+    _grad_block(W, ldw, D, ldd, A, lda, dt_rows, a_rows, n, n_out, j0, j1, <floating>(-lr), fb)
     c = <floating>lr
     for o in range(o0, o1):
         s = 0
         for r in range(n):
-            s = s + D[r * n_out + o]
+            s = s + D[r * ldd + o]
         b[o] = b[o] - c * s
 
 
@@ -720,35 +802,37 @@ cdef void _opt_run(OptStep* p, floating* w, floating* g, floating* m, floating* 
             w[j] = (dec * x - _l1_step(x, cl)) + u
 
 
-cdef void _opt_block(OptStep* p, floating* W, floating* b, floating* G, floating* Gb, floating* mW, floating* vW,
-                     floating* mb, floating* vb, floating* D, floating* A, Py_ssize_t n, Py_ssize_t n_out,
-                     Py_ssize_t n_in, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil:
+cdef void _opt_block(OptStep* p, floating* W, Py_ssize_t ldw, floating* b, floating* G, Py_ssize_t ldg,
+                     floating* Gb, floating* mW, floating* vW, floating* mb, floating* vb, floating* D,
+                     Py_ssize_t ldd, floating* A, Py_ssize_t lda, floating** dt_rows, floating** a_rows, Py_ssize_t n,
+                     Py_ssize_t n_out, Py_ssize_t n_in, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t o0,
+                     Py_ssize_t o1) noexcept nogil:
     """Gradient and optimizer step on the columns ``[j0, j1)`` of ``W`` and the units ``[o0, o1)`` of ``b``.
 
     The gradient block ``G[:, j0:j1] = D.T A[:, j0:j1]`` comes from the matrix product (``beta = 0``),
     then one fused pass per row applies the penalties and the optimizer (:func:`_opt_run`).  For the
     ``gradient`` optimizer ``G`` and ``Gb`` are the state's own arrays: they get the gradient (with the
-    ``alpha`` term) and nothing steps.  ``mW``/``vW``/``mb``/``vb`` are the state slots (NULL when unused).
+    ``alpha`` term) and nothing steps.  ``mW``/``vW``/``mb``/``vb`` are the state slots (NULL when unused),
+    rows ``n_in`` apart; ``W`` and ``G`` have their own row strides.
     """
     cdef Py_ssize_t o, j, w0 = j1 - j0
     cdef floating ga
     cdef floating* row
     cdef floating* grow
-    if w0 > 0:
-        _prod_tn(n_out, w0, n, D, 1, n_out, A + j0, n_in, G + j0, n_in, <floating>1, <floating>0)
-    _bias_grad(D, n, n_out, o0, o1, Gb)
+    _grad_block(G, ldg, D, ldd, A, lda, dt_rows, a_rows, n, n_out, j0, j1, <floating>1, <floating>0)
+    _bias_grad(D, ldd, n, o0, o1, Gb)
     if p.opt == OPT_GRADIENT:
         if p.ga != 0.0 and w0 > 0:
             ga = <floating>p.ga
             for o in range(n_out):
-                row = W + o * n_in
-                grow = G + o * n_in
+                row = W + o * ldw
+                grow = G + o * ldg
                 for j in range(j0, j1):
                     grow[j] = grow[j] + ga * row[j]
         return
     if w0 > 0:
         for o in range(n_out):
-            _opt_run(p, W + o * n_in + j0, G + o * n_in + j0, mW + o * n_in + j0,
+            _opt_run(p, W + o * ldw + j0, G + o * ldg + j0, mW + o * n_in + j0,
                      vW + o * n_in + j0 if vW != NULL else NULL, w0, True)
     if o1 > o0:
         _opt_run(p, b + o0, Gb + o0, mb + o0, vb + o0 if vb != NULL else NULL, o1 - o0, False)
@@ -766,9 +850,10 @@ cdef inline uint64_t _mask_key(uint64_t seed, uint64_t step, uint64_t layer) noe
     return _mix64(_mix64(seed + FM_GOLDEN * (layer + 1)) + FM_GOLDEN * (step + 1))
 
 
-cdef void _fill_mask(floating* out, uint64_t key, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n_units,
+cdef void _fill_mask(floating* out, uint64_t key, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n_units, Py_ssize_t ld,
                      uint64_t thr, floating scale) noexcept nogil:
-    """Rows ``[r0, r1)`` of the ``(n_rows, n_units)`` multipliers: ``scale`` where ``mix64(key + G c) >> 40 < thr``.
+    """Rows ``[r0, r1)`` of the ``(n_rows, n_units)`` multipliers (rows ``ld`` apart in ``out``): ``scale`` where
+    ``mix64(key + G c) >> 40 < thr``.
 
     ``c = r n_units + u + 1`` counts the units of the whole minibatch, so a row
     block drawn by one thread is the same as in the full matrix.
@@ -777,15 +862,16 @@ cdef void _fill_mask(floating* out, uint64_t key, Py_ssize_t r0, Py_ssize_t r1, 
     cdef uint64_t ctr
     cdef floating* o
     for r in range(r0, r1):
-        o = out + r * n_units
+        o = out + r * ld
         ctr = <uint64_t>(r * n_units) + 1
         for u in range(n_units):
             o[u] = scale if (_mix64(key + FM_GOLDEN * (ctr + <uint64_t>u)) >> 40) < thr else 0
 
 
-cdef void _gather_rows(floating* X, int64_t* idx, floating* out, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n_in,
-                       bint drop, uint64_t key, uint64_t thr, floating scale) noexcept nogil:
-    """``out[r] = X[idx[r]]`` for ``r`` in ``[r0, r1)``, times the input-dropout multipliers when ``drop``."""
+cdef void _gather_rows(floating* X, int64_t* idx, floating* out, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1,
+                       Py_ssize_t n_in, bint drop, uint64_t key, uint64_t thr, floating scale) noexcept nogil:
+    """``out[r] = X[idx[r]]`` (rows ``ld`` apart) for ``r`` in ``[r0, r1)``, times the input-dropout multipliers
+    when ``drop``."""
     cdef Py_ssize_t r, u
     cdef uint64_t ctr
     cdef floating* src
@@ -793,7 +879,7 @@ cdef void _gather_rows(floating* X, int64_t* idx, floating* out, Py_ssize_t r0, 
     cdef floating m
     for r in range(r0, r1):
         src = X + idx[r] * n_in
-        dst = out + r * n_in
+        dst = out + r * ld
         if not drop:
             memcpy(dst, src, n_in * sizeof(floating))
             continue
@@ -848,6 +934,18 @@ ctypedef struct EpochCtx:
     double* pen_acc        # (n_blocks * PAD,)
     int64_t* correct_acc   # (n_blocks * PAD,)
     int n_blocks           # row blocks of a minibatch and column blocks of a W; >= the thread count
+    Py_ssize_t* ld         # (L + 1,) row stride of raw, inp, mask and delta of each layer width
+    Py_ssize_t* ldw        # (L,) row stride of W[l] (SIMD builds: a private copy; otherwise the caller's, n_in)
+    Py_ssize_t* ldg        # (L,) row stride of G[l]
+    # SIMD builds only (NULL tables otherwise):
+    void** Wt              # (L,) W[l] transposed, (n_in, ldt[l]), rewritten after every update of W[l]
+    Py_ssize_t* ldt        # (L,)
+    void*** t_wt           # (L,) row tables of Wt[l] (n_in rows): R of the forward products
+    void*** t_w            # (L,) row tables of W[l] (n_out rows): R of the hidden deltas
+    void*** t_inp          # (L,) row tables of inp[l] (batch rows): L of the forward, R of the update
+    void*** t_del          # (L + 1,) row tables of delta[l]: L of the hidden deltas
+    void*** t_dt           # (L,) delta[l + 1] + o (n_out entries, step ld[l + 1]): L of the update
+    void** t_x             # (batch rows,) the step's rows of X, when layer 0 reads them in place (no input dropout)
 
 
 cdef inline void _split(Py_ssize_t n, int t, int nth, Py_ssize_t align, Py_ssize_t* lo,
@@ -866,15 +964,18 @@ cdef inline void _split(Py_ssize_t n, int t, int nth, Py_ssize_t align, Py_ssize
 cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept nogil:
     """Thread ``tid`` of ``nth``'s share of a whole epoch (``tag`` only selects the dtype).
 
-    Per minibatch: each thread gathers, forwards and back-propagates the deltas
-    of its own blocks of rows (rows are independent until the weight gradient);
-    after a barrier each thread updates its own blocks of input columns of every
-    ``W`` (and blocks of units of every ``b``) from all rows, the optimizer fused
-    into that pass; a second barrier keeps the next minibatch from reading ``W``
-    before every block is updated.  All deltas are computed with the old weights
-    before any update, which is what the reference's "lower delta, then update"
-    order amounts to.  Every sum runs block by block in a fixed order, and the
-    blocks depend on ``n_blocks`` only: any thread count computes the same bits.
+    Per minibatch: each thread forwards and back-propagates the deltas of its own blocks of rows
+    (rows are independent until the weight gradient); after a barrier each thread updates its own
+    blocks of input columns of every ``W`` (and blocks of units of every ``b``) from all rows, the
+    optimizer fused into that pass; a second barrier keeps the next minibatch from reading ``W``
+    before every block is updated.  All deltas are computed with the old weights before any update,
+    which is what the reference's "lower delta, then update" order amounts to.  Every sum runs block
+    by block in a fixed order, and the blocks depend on ``n_blocks`` only: any thread count computes
+    the same bits.
+
+    SIMD builds: without input dropout the first layer reads the rows of ``X`` where they are (a table of
+    the step's row addresses, no gathered copy); the forward products read ``Wt``, which each thread
+    rewrites for its own column block right after updating it.  BLAS builds gather the rows first.
     """
     cdef floating* X = <floating*>c.X
     cdef floating** W = <floating**>c.W
@@ -889,13 +990,20 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
     cdef floating** vW = <floating**>c.vW
     cdef floating** mb = <floating**>c.mb
     cdef floating** vb = <floating**>c.vb
+    cdef floating** Wt = <floating**>c.Wt
+    cdef floating** xr = <floating**>c.t_x
+    cdef floating** lrows = NULL
+    cdef floating** arows
     cdef Py_ssize_t* sz = c.sizes
+    cdef Py_ssize_t* ld = c.ld
+    cdef Py_ssize_t* ldw = c.ldw
     cdef int L = c.L
     cdef int l, act
     cdef Py_ssize_t full = 1 << KEEP_BITS
+    cdef bint in_place = FM_SIMD_GEMM and c.thr[0] >= full
     cdef Py_ssize_t bs = c.batch_size
     cdef Py_ssize_t n_steps = (c.n_used + bs - 1) // bs
-    cdef Py_ssize_t step, start, nb, r0, r1, j0, j1, o0, o1, nr, i, n_el, align, r
+    cdef Py_ssize_t step, start, nb, r0, r1, j0, j1, o0, o1, nr, i, align, r, u, ldn
     cdef int blk
     cdef int NB = c.n_blocks
     cdef int64_t* idx
@@ -934,30 +1042,49 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
         while blk < NB:
             _split(nb, blk, NB, 1, &r0, &r1)
             nr = r1 - r0
-
-            _gather_rows(X, idx, inp[0], r0, r1, sz[0], c.thr[0] < full, _mask_key(c.seed, gstep, 0),
-                         <uint64_t>c.thr[0], <floating>c.scales[0])
+            if in_place:
+                for r in range(r0, r1):
+                    xr[r] = X + idx[r] * sz[0]
+                lrows = xr + r0
+            else:
+                _gather_rows(X, idx, inp[0], ld[0], r0, r1, sz[0], c.thr[0] < full, _mask_key(c.seed, gstep, 0),
+                             <uint64_t>c.thr[0], <floating>c.scales[0])
+                if FM_SIMD_GEMM:
+                    lrows = <floating**>c.t_inp[0] + r0
             for l in range(L):
                 act = c.output_act if l == L - 1 else c.hidden_act
-                _forward_rows(inp[l] + r0 * sz[l], W[l], B[l], raw[l + 1] + r0 * sz[l + 1], nr, sz[l], sz[l + 1], act)
+                if FM_SIMD_GEMM:
+                    _forward_rows_t(lrows, <floating**>c.t_wt[l], B[l], raw[l + 1] + r0 * ld[l + 1], ld[l + 1], nr,
+                                    sz[l], sz[l + 1], act)
+                else:
+                    _forward_rows(inp[l] + r0 * sz[l], W[l], B[l], raw[l + 1] + r0 * sz[l + 1], nr, sz[l], sz[l + 1],
+                                  act)
                 if l + 1 < L and mask[l + 1] != NULL:
+                    ldn = ld[l + 1]
                     hm = mask[l + 1]
-                    _fill_mask(hm, _mask_key(c.seed, gstep, <uint64_t>(l + 1)), r0, r1, sz[l + 1],
+                    _fill_mask(hm, _mask_key(c.seed, gstep, <uint64_t>(l + 1)), r0, r1, sz[l + 1], ldn,
                                <uint64_t>c.thr[l + 1], <floating>c.scales[l + 1])
                     hin = inp[l + 1]
                     hraw = raw[l + 1]
-                    for i in range(r0 * sz[l + 1], r1 * sz[l + 1]):
-                        hin[i] = hraw[i] * hm[i]
+                    for r in range(r0, r1):
+                        for u in range(sz[l + 1]):
+                            i = r * ldn + u
+                            hin[i] = hraw[i] * hm[i]
+                if FM_SIMD_GEMM and l + 1 < L:
+                    lrows = <floating**>c.t_inp[l + 1] + r0
             _output_delta_rows(raw[L], c.y, <floating*>c.Yd, idx, c.sw, s, c.output_act, c.loss, delta[L], r0, r1,
                                sz[L], nb, c.loss_acc + blk * PAD, c.correct_acc + blk * PAD)
             for l in range(L - 1, 0, -1):
                 # delta[l] (nr, sz[l]) = delta[l+1] (nr, sz[l+1]) @ W[l] (sz[l+1], sz[l]), with the old W[l]
                 if nr > 0:
-                    _prod_tn(nr, sz[l], sz[l + 1], delta[l + 1] + r0 * sz[l + 1], sz[l + 1], 1, W[l], sz[l],
-                             delta[l] + r0 * sz[l], sz[l], <floating>1, <floating>0)
-                n_el = nr * sz[l]
-                _deriv(delta[l] + r0 * sz[l], raw[l] + r0 * sz[l],
-                       mask[l] + r0 * sz[l] if mask[l] != NULL else NULL, n_el, c.hidden_act)
+                    if FM_SIMD_GEMM:
+                        _mm(nr, sz[l], sz[l + 1], <floating**>c.t_del[l + 1] + r0, 1, <floating**>c.t_w[l], 0,
+                            delta[l] + r0 * ld[l], ld[l], <floating>1, <floating>0)
+                    else:
+                        _prod_tn(nr, sz[l], sz[l + 1], delta[l + 1] + r0 * sz[l + 1], sz[l + 1], 1, W[l], sz[l],
+                                 delta[l] + r0 * sz[l], sz[l], <floating>1, <floating>0)
+                _deriv_rows(delta[l] + r0 * ld[l], raw[l] + r0 * ld[l],
+                            mask[l] + r0 * ld[l] if mask[l] != NULL else NULL, nr, sz[l], ld[l], c.hidden_act)
             blk = blk + nth
         fm_barrier(nth)
         # the update phase: the step's scalars in float64, then column blocks of every W
@@ -979,19 +1106,26 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
         for l in range(L):
             # column blocks a multiple of 16 wide keep threads off each other's cache lines of W
             align = 16 if sz[l] >= 64 * NB else 1
+            arows = NULL
+            if FM_SIMD_GEMM:
+                arows = xr if (l == 0 and in_place) else <floating**>c.t_inp[l]
             blk = tid
             while blk < NB:
                 _split(sz[l], blk, NB, align, &j0, &j1)
                 _split(sz[l + 1], blk, NB, 1, &o0, &o1)
                 if c.alpha != 0.0 and j1 > j0:
                     # scikit-learn's penalty, from this block of the weights before the step
-                    c.pen_acc[blk * PAD] += <double>nb * (0.5 * c.alpha * _sumsq(W[l], sz[l + 1], sz[l], j0, j1) / s)
+                    c.pen_acc[blk * PAD] += <double>nb * (0.5 * c.alpha * _sumsq(W[l], sz[l + 1], ldw[l], j0, j1) / s)
                 if c.opt == OPT_SGD:
-                    _sgd_block(W[l], B[l], delta[l + 1], inp[l], nb, sz[l + 1], sz[l], lr, p.decay - lr * p.ga, c.l1,
-                               j0, j1, o0, o1)
+                    _sgd_block(W[l], ldw[l], B[l], delta[l + 1], ld[l + 1], inp[l], ld[l], <floating**>c.t_dt[l], arows,
+                               nb, sz[l + 1], lr, p.decay - lr * p.ga, c.l1, j0, j1, o0, o1)
                 else:
-                    _opt_block(&p, W[l], B[l], G[l], Gb[l], mW[l], vW[l], mb[l], vb[l], delta[l + 1], inp[l], nb,
-                               sz[l + 1], sz[l], j0, j1, o0, o1)
+                    _opt_block(&p, W[l], ldw[l], B[l], G[l], c.ldg[l], Gb[l], mW[l], vW[l], mb[l], vb[l], delta[l + 1],
+                               ld[l + 1], inp[l], ld[l], <floating**>c.t_dt[l], arows, nb, sz[l + 1], sz[l], j0, j1,
+                               o0, o1)
+                if FM_SIMD_GEMM and j1 > j0 and c.opt != OPT_GRADIENT:
+                    # the forward products of the next step read this block of W through its transpose
+                    _transpose(sz[l + 1], j1 - j0, W[l] + j0, ldw[l], Wt[l] + j0 * c.ldt[l], c.ldt[l])
                 blk = blk + nth
         fm_barrier(nth)
 
@@ -1045,10 +1179,26 @@ def forward(const floating[:, ::1] A, const floating[:, ::1] W, const floating[:
         return
     cdef floating* pa = NULL
     cdef floating* pw = NULL
+    cdef floating[:, ::1] wt
+    cdef floating** pl
+    cdef floating** pr
+    cdef Py_ssize_t ldt, item = sizeof(floating)
     if n_in > 0:
         # with no inputs the gemm is skipped and neither pointer is read
         pa = <floating*>&A[0, 0]
         pw = <floating*>&W[0, 0]
+    if FM_SIMD_GEMM and n_in > 0:
+        # the training epoch's forward product: W transposed into a padded copy, then the outer-product kernel
+        ldt = _ld(n_out, item)
+        wt_arr = np.empty((n_in, ldt), np.float32 if floating is float else np.float64)
+        wt = wt_arr
+        a_rows = _rows_at(<size_t>pa, n, n_in * item)
+        t_rows = _rows(wt_arr, n_in, ldt)
+        pl, pr = <floating**>_data(a_rows), <floating**>_data(t_rows)
+        with nogil:
+            _transpose(n_out, n_in, pw, n_in, &wt[0, 0], ldt)
+            _forward_rows_t(pl, pr, <floating*>&b[0], &out[0, 0], n_out, n, n_in, n_out, act)
+        return
     with nogil:
         _forward_rows(pa, pw, <floating*>&b[0], &out[0, 0], n, n_in, n_out, act)
 
@@ -1139,6 +1289,17 @@ def hidden_delta(const floating[:, ::1] D_next, const floating[:, ::1] W_next, c
         return
     if mask is not None:
         pm = <floating*>&m[0, 0]
+    cdef Py_ssize_t item = sizeof(floating)
+    cdef floating** pl
+    cdef floating** pr
+    if FM_SIMD_GEMM and n_next > 0:
+        d_rows = _rows_at(<size_t>&D_next[0, 0], n, n_next * item)
+        w_rows = _rows_at(<size_t>&W_next[0, 0], n_next, n_units * item)
+        pl, pr = <floating**>_data(d_rows), <floating**>_data(w_rows)
+        with nogil:
+            _mm(n, n_units, n_next, pl, 1, pr, 0, &out[0, 0], n_units, <floating>1, <floating>0)
+            _deriv(&out[0, 0], <floating*>&A[0, 0], pm, n * n_units, act)
+        return
     with nogil:
         if n_next > 0:
             _prod_tn(n, n_units, n_next, <floating*>&D_next[0, 0], n_next, 1, <floating*>&W_next[0, 0], n_units,
@@ -1173,13 +1334,19 @@ def inplace_update(floating[:, ::1] W, floating[::1] b, const floating[:, ::1] D
         decay = 0.0
     cdef floating* pd = <floating*>&D[0, 0] if n > 0 else &b[0]
     cdef floating* pa = <floating*>&A[0, 0] if n > 0 and n_in > 0 else &b[0]
+    cdef Py_ssize_t item = sizeof(floating)
     if n_in == 0:
         # no weights: only the bias moves
         with nogil:
-            _sgd_block(&b[0], &b[0], pd, pa, n, n_out, 0, lr, decay, l1, 0, 0, 0, n_out)
+            _sgd_block(&b[0], 0, &b[0], pd, n_out, pa, 0, NULL, NULL, n, n_out, lr, decay, l1, 0, 0, 0, n_out)
         return
+    # SIMD builds: D read transposed (D + o, step n_out) and the rows of A, through row tables
+    dt_rows = _rows_at(<size_t>pd, n_out, item)
+    a_rows = _rows_at(<size_t>pa, n, n_in * item)
+    cdef floating** pl = <floating**>_data(dt_rows)
+    cdef floating** pr = <floating**>_data(a_rows)
     with nogil:
-        _sgd_block(&W[0, 0], &b[0], pd, pa, n, n_out, n_in, lr, decay, l1, 0, n_in, 0, n_out)
+        _sgd_block(&W[0, 0], n_in, &b[0], pd, n_out, pa, n_in, pl, pr, n, n_out, lr, decay, l1, 0, n_in, 0, n_out)
 
 
 def dropout_mask(uint64_t seed, uint64_t step, uint64_t layer, int64_t keep_threshold, double scale,
@@ -1201,7 +1368,7 @@ def dropout_mask(uint64_t seed, uint64_t step, uint64_t layer, int64_t keep_thre
     if n_rows == 0 or n_units == 0:
         return
     with nogil:
-        _fill_mask(&out[0, 0], _mask_key(seed, step, layer), 0, n_rows, n_units, <uint64_t>keep_threshold,
+        _fill_mask(&out[0, 0], _mask_key(seed, step, layer), 0, n_rows, n_units, n_units, <uint64_t>keep_threshold,
                    <floating>scale)
 
 
@@ -1309,6 +1476,96 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
     cdef int nth = n_threads
     with nogil:
         fm_run_parallel(_fwd_worker_f32 if f32 else _fwd_worker_f64, &c, nth)
+
+
+ctypedef struct PeakCtx:
+    int64_t iters
+    int f64
+    double* sink
+
+
+cdef extern from *:
+    """
+    #include <time.h>
+    /* CPU seconds of the calling thread, or -1 where the platform has no per-thread clock */
+    static double fm_thread_seconds(void) {
+    #if defined(CLOCK_THREAD_CPUTIME_ID)
+        struct timespec t;
+        if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) == 0) return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+    #endif
+        return -1.0;
+    }
+    """
+    double fm_thread_seconds() nogil
+
+
+cdef void _peak_worker(void* ctx, int tid, int nth) noexcept nogil:
+    """One thread's FMA loop: its own CPU seconds in ``sink[tid * PAD]`` (a thread the OS leaves waiting on a
+    shared machine does not lower the bound), the loop's value in the next slot so that nothing is optimized
+    away."""
+    cdef PeakCtx* c = <PeakCtx*>ctx
+    cdef double t0 = fm_thread_seconds()
+    if c.f64:
+        c.sink[tid * PAD + 1] = fm_fma_peak_f64(c.iters)
+    else:
+        c.sink[tid * PAD + 1] = fm_fma_peak_f32(c.iters)
+    c.sink[tid * PAD] = fm_thread_seconds() - t0 if t0 >= 0 else -1.0
+
+
+def fma_peak(dtype="float32", int n_threads=1, double seconds=0.05, int repeats=3):
+    """This build's FMA bound in GFLOP/s, measured: a compiled loop of nothing but independent vector FMAs.
+
+    Every one of ``n_threads`` OpenMP threads (1 without OpenMP) runs ``FM_PEAK_CHAINS`` independent
+    chains of fused multiply-adds on register-resident vectors of the build's width (avx512: 16 float32
+    or 8 float64 lanes, avx2: 8 / 4; the SSE2 baseline has no FMA and times a multiply and an add on 4 / 2
+    lanes instead); the bound is ``2 * lanes * FMAs / seconds`` over all threads, the best of ``repeats``
+    runs of about ``seconds`` each, every thread's rate taken on its own CPU time where the platform has a
+    per-thread clock (so that a busy machine does not hide the bound).  On an idle machine this is cores x FMA
+    ports x lanes x 2 x clock.
+
+    Parameters
+    ----------
+    dtype : {'float32', 'float64'}
+    n_threads : int
+        Threads that run the loop at once (each on its own core when the OS allows).
+    seconds, repeats : float, int
+        Length of one timed run and how many are made.
+
+    Returns
+    -------
+    float
+        GFLOP/s.
+    """
+    import time
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    if n_threads < 1 or not FM_HAVE_OPENMP:
+        n_threads = 1
+    sink = np.zeros(max(1, n_threads) * PAD, np.float64)
+    cdef PeakCtx c
+    c.f64 = dt == np.float64
+    c.sink = <double*>_data(sink)
+    cdef int nth = n_threads
+    lanes = FM_PEAK_LANES_F64 if c.f64 else FM_PEAK_LANES_F32
+    c.iters = 20000
+    best = 0.0
+    for rep in range(repeats + 1):
+        t0 = time.perf_counter()
+        with nogil:
+            fm_run_parallel(_peak_worker, &c, nth)
+        el = time.perf_counter() - t0
+        if rep == 0:  # calibration run: scale the loop to about `seconds`
+            c.iters = max(20000, <int64_t>(c.iters * seconds / max(el, 1e-6)))
+            continue
+        flops = c.iters * FM_PEAK_CHAINS * 2.0 * lanes
+        cpu = sink[::PAD][:nth]
+        if (cpu > 0).all():  # every thread's rate on its own CPU time
+            rate = float(np.sum(flops / cpu))
+        else:
+            rate = nth * flops / el
+        best = max(best, rate / 1e9)
+    return best
 
 
 def train_epoch(X, Y, order, list weights, list biases, list state_weights, list state_biases, lrs, sample_weight,
@@ -1434,30 +1691,60 @@ def train_epoch(X, Y, order, list weights, list biases, list state_weights, list
     nb = min(batch_size, n_used)
     sizes = np.array(sz, dtype=np.intp)
     full = 1 << KEEP_BITS
-    raw = [None] + [np.empty((nb, sz[l + 1]), dt) for l in range(L)]
-    inp = [np.empty((nb, sz[0]), dt)]
+    simd = bool(FM_SIMD_GEMM)
+    item = dt.itemsize
+    # row strides: SIMD builds pad the work buffers (the output layer's stay contiguous for the delta)
+    ld = [_ld(sz[l], item) if simd and l < L else sz[l] for l in range(L + 1)]
+    raw = [None] + [np.empty((nb, ld[l + 1]), dt) for l in range(L)]
+    # SIMD builds without input dropout read the rows of X in place
+    inp = [np.empty((nb, ld[0]), dt) if not simd or thresholds[0] < full else None]
     mask = [None]
     for l in range(1, L):
         if thresholds[l] < full:
-            mask.append(np.empty((nb, sz[l]), dt))
-            inp.append(np.empty((nb, sz[l]), dt))
+            mask.append(np.empty((nb, ld[l]), dt))
+            inp.append(np.empty((nb, ld[l]), dt))
         else:
             mask.append(None)
             inp.append(raw[l])
-    delta = [None] + [np.empty((nb, sz[l + 1]), dt) for l in range(L)]
-    if optimizer == OPT_SGD:
-        G, Gb = [None] * L, [None] * L
-    elif optimizer == OPT_GRADIENT:  # the gradient goes straight into the state
-        G, Gb = state_weights[0], state_biases[0]
+    delta = [None] + [np.empty((nb, ld[l + 1]), dt) for l in range(L)]
+    if simd:
+        # a private copy of each W with padded rows, and its transpose for the forward products
+        ldw = [_ld(sz[l], item) for l in range(L)]
+        ldt = [_ld(sz[l + 1], item) for l in range(L)]
+        Wk = [np.empty((sz[l + 1], ldw[l]), dt) for l in range(L)]
+        Wt = [np.empty((sz[l], ldt[l]), dt) for l in range(L)]
+        for l in range(L):
+            Wk[l][:, :sz[l]] = weights[l]
+            Wt[l][:, :sz[l + 1]] = weights[l].T
     else:
-        G = [np.empty((sz[l + 1], sz[l]), dt) for l in range(L)]
+        ldw, ldt, Wk, Wt = sz[:L], sz[1:], list(weights), [None] * L
+    if optimizer == OPT_SGD:
+        G, Gb, ldg = [None] * L, [None] * L, ldw
+    elif optimizer == OPT_GRADIENT:  # the gradient goes straight into the state
+        G, Gb, ldg = state_weights[0], state_biases[0], sz[:L]
+    else:
+        G = [np.empty((sz[l + 1], ldw[l]), dt) for l in range(L)]
         Gb = [np.empty(sz[l + 1], dt) for l in range(L)]
+        ldg = ldw
     none = [None] * L
     slot_w = [state_weights[0] if n_slots >= 1 and optimizer != OPT_GRADIENT else none,
               state_weights[1] if n_slots >= 2 else none]
     slot_b = [state_biases[0] if n_slots >= 1 and optimizer != OPT_GRADIENT else none,
               state_biases[1] if n_slots >= 2 else none]
-    tables = [_ptr_array(list(t)) for t in (weights, biases, raw, inp, mask, delta, G, Gb, *slot_w, *slot_b)]
+    tables = [_ptr_array(list(t)) for t in (Wk, biases, raw, inp, mask, delta, G, Gb, *slot_w, *slot_b, Wt)]
+    strides = [np.array(v, dtype=np.intp) for v in (ld, ldw, ldg, ldt)]
+    # row tables of the SIMD products (empty in BLAS builds)
+    if simd:
+        rt_wt = [_rows(Wt[l], sz[l], ldt[l]) for l in range(L)]
+        rt_w = [_rows(Wk[l], sz[l + 1], ldw[l]) for l in range(L)]
+        rt_inp = [_rows(inp[l], nb, ld[l]) if inp[l] is not None else np.zeros(nb, np.uintp) for l in range(L)]
+        rt_del = [np.zeros(1, np.uintp)] + [_rows(delta[l], nb, ld[l]) for l in range(1, L + 1)]
+        rt_dt = [_rows(delta[l + 1], sz[l + 1], 1) for l in range(L)]
+    else:
+        rt_wt = rt_w = rt_inp = rt_dt = [np.zeros(1, np.uintp)] * L
+        rt_del = [np.zeros(1, np.uintp)] * (L + 1)
+    rt_x = np.zeros(nb, np.uintp)
+    rtabs = [_ptr_array(t) for t in (rt_wt, rt_w, rt_inp, rt_del, rt_dt)]
     loss_acc = np.zeros(n_blocks * PAD, np.float64)
     pen_acc = np.zeros(n_blocks * PAD, np.float64)
     correct_acc = np.zeros(n_blocks * PAD, np.int64)
@@ -1505,12 +1792,26 @@ def train_epoch(X, Y, order, list weights, list biases, list state_weights, list
     c.pen_acc = <double*>_data(pen_acc)
     c.correct_acc = <int64_t*>_data(correct_acc)
     c.n_blocks = n_blocks
+    c.ld = <Py_ssize_t*>_data(strides[0])
+    c.ldw = <Py_ssize_t*>_data(strides[1])
+    c.ldg = <Py_ssize_t*>_data(strides[2])
+    c.ldt = <Py_ssize_t*>_data(strides[3])
+    c.Wt = <void**>_data(tables[12])
+    c.t_wt = <void***>_data(rtabs[0])
+    c.t_w = <void***>_data(rtabs[1])
+    c.t_inp = <void***>_data(rtabs[2])
+    c.t_del = <void***>_data(rtabs[3])
+    c.t_dt = <void***>_data(rtabs[4])
+    c.t_x = <void**>_data(rt_x)
     cdef fm_worker_t fn = _worker_f64
     if dt == np.float32:
         fn = _worker_f32
     cdef int nth = n_threads
     with nogil:
         fm_run_parallel(fn, &c, nth)
+    if simd and optimizer != OPT_GRADIENT:
+        for l in range(L):
+            weights[l][...] = Wk[l][:, :sz[l]]
     return float(loss_acc.sum()), float(pen_acc.sum()), int(correct_acc.sum())
 
 

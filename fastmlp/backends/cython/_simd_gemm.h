@@ -1,52 +1,130 @@
-/* fastmlp: register-tiled AVX-512 kernels for the two matrix products training needs.
+/* fastmlp: register-tiled SIMD kernels for the matrix products of training and inference.
  *
- * Every matrix is row-major with its own leading dimension.
+ * Every matrix is row-major with its own leading dimension.  Per dtype (suffix f32 / f64):
  *
- *   fm_nt_<t>:  C[i, o]  = sum_k A[i, k] * W[o, k]
- *               (forward pass: both operands contiguous along k, one dot product
- *               per output; register tile NT_MR rows x NT_NR outputs)
- *   fm_tn_<t>:  C[p, k]  = beta * C[p, k] + alpha * sum_q S[p*sp + q*sq] * R[q, k]
- *               (weight gradient fused with the SGD update, and hidden deltas:
- *               vectorized along k; register tile TN_PR rows x TN_KV vectors)
+ *   fm_gemm:       C[i][j] = beta C[i][j] + alpha sum_q L[i][q] R[q][j]
+ *                  an outer-product kernel (L broadcast, R and C vectorized along j; no horizontal
+ *                  sums), rows of L and R given by pointer tables: the forward pass (L = the layer
+ *                  input, R = a transposed copy of W), the hidden deltas (R = W) and the weight
+ *                  gradient fused with the update (L = the delta read transposed, R = the input);
+ *   fm_nt:         C[i][o] = sum_k A[i][k] W[o][k], dot products on W as stored (inference);
+ *   fm_transpose:  D = S.T, in register blocks (the transposed copy of W the forward pass reads).
  *
- * With beta == 0, C is not read.  The summation order depends on the shapes
- * only (never on threads or alignment), so results are reproducible bit for bit.
+ * The avx512 build (-mavx512f ...) has 16 float / 8 double lanes and 32 registers; the avx2 build
+ * (-mavx2 -mfma) 8 / 4 lanes and 16 registers, compiled only with -DFASTMLP_AVX2_GEMM (see below).
+ * In FM_SIMD_GEMM builds the Cython code calls these kernels; elsewhere it calls BLAS and the plain
+ * loops at the end only keep the symbols defined.
  *
- * Why not BLAS: the products of small-MLP training are skinny (100 x 784 x 50),
- * where a BLAS call spends much of its time packing both operands, and the
- * scipy-openblas build SciPy ships runs its AVX2 (Haswell) kernels on CPUs it
- * does not know, AVX-512 ones included.  `pytest bench/test_kernels.py
- * --benchmark-only -k 100x784x50` on a 2-core Zen 5, one run, medians: forward
- * float32 44 us here (one thread) vs 52 us for NumPy (its BLAS on two threads),
- * update 37 vs 56 us; float64 forward 101 vs 91 us, update 73 vs 104 us.
+ * The summation order of every product depends on its shapes only (never on threads, alignment or
+ * how the caller cuts rows and columns), so results are reproducible bit for bit.
  *
- * FM_SIMD_GEMM tells whether this build has the kernels (AVX-512F at compile
- * time).  Without them the Cython code calls BLAS; the plain loops at the end
- * only keep the symbols defined.
+ * fm_fma_peak_<t>(iters) runs iters x FM_PEAK_CHAINS independent vector FMAs: the FMA bound of the
+ * build, timed by the caller (the SSE2 baseline has no FMA: a multiply and an add per lane instead).
  */
 #ifndef FASTMLP_SIMD_GEMM_H
 #define FASTMLP_SIMD_GEMM_H
 
 #include <stdint.h>
 
-#if defined(__AVX512F__) && defined(__FMA__)
-#  include <immintrin.h>
+#define FM_INLINE static inline __attribute__((always_inline))
+#define FM_UNROLL _Pragma("GCC unroll 16")
+
+/* The avx2 build's own kernels (below) are off unless FASTMLP_AVX2_GEMM is defined: measured on a
+ * Xeon (Skylake-SP, 2 vCPUs) with OpenBLAS on its Haswell kernels, they were slower than SciPy's BLAS
+ * (784-256-256-10 b256 float64 epoch about 1.4x slower, float32 about 1.1x; 784-50-10 b100 no better),
+ * so the avx2 build keeps BLAS for every shape. */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__FMA__)
 #define FM_SIMD_GEMM 1
+#define FM_ISA_NAME "avx512"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(FASTMLP_AVX2_GEMM)
+#define FM_SIMD_GEMM 1
+#define FM_ISA_NAME "avx2"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FM_SIMD_GEMM 0
+#define FM_ISA_NAME "avx2"
 #else
 #define FM_SIMD_GEMM 0
+#define FM_ISA_NAME "baseline"
 #endif
 
-#define FM_INLINE static inline __attribute__((always_inline))
+/* the FMA bound's loop: AVX-512 or AVX2 vectors where the build has them */
+#if defined(__AVX512F__) && defined(__FMA__)
+#define FM_PEAK_AVX512 1
+#define FM_PEAK_AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FM_PEAK_AVX512 0
+#define FM_PEAK_AVX2 1
+#else
+#define FM_PEAK_AVX512 0
+#define FM_PEAK_AVX2 0
+#endif
 
-#if FM_SIMD_GEMM
+#if FM_SIMD_GEMM || FM_PEAK_AVX2 || FM_PEAK_AVX512
+#include <immintrin.h>
+#endif
 
-/* 32 vector registers: NT 4 x 5 = 20 accumulators (+ 5 + 1 operands), TN 6 x 4 = 24 (+ 4 + 1) */
+#if FM_SIMD_GEMM && defined(__AVX512F__)
+/* ------------------------------------------------------------------------------------ AVX-512 */
+/* 32 registers: fm_gemm up to 6 rows x 4 vectors = 24 accumulators (+ 4 + 1), 8 x 3, 12 x 2, 12 x 1; fm_nt 4 x 5 = 20
+ * (+ 5 + 1) */
+#define GM_KV 4
+#define GM_PR_KV4 6
+#define GM_PR_KV3 8
+#define GM_PR_KV2 12
+#define GM_PR_KV1 12
+#define GM_QUNROLL 1
 #define NT_MR 4
 #define NT_NR 5
-#define TN_PR 6
-#define TN_KV 4
-/* outputs of the forward product per pass over the rows: keeps that slab of W (about 256 KiB) in L2 */
+#define FM_VBYTES 64
+/* outputs of fm_nt per pass over the rows: keeps that slab of W (about 256 KiB) in L2 */
 #define NT_SLAB_BYTES (256 * 1024)
+
+FM_INLINE void fm_tr16_ps(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+}
+
+FM_INLINE void fm_tr8_pd(__m512d *r) {
+    __m512d t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm512_unpacklo_pd(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_pd(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm512_shuffle_f64x2(t[i], t[i + 2], 0x88);
+        u[i + 1] = _mm512_shuffle_f64x2(t[i], t[i + 2], 0xDD);
+        u[i + 2] = _mm512_shuffle_f64x2(t[i + 1], t[i + 3], 0x88);
+        u[i + 3] = _mm512_shuffle_f64x2(t[i + 1], t[i + 3], 0xDD);
+    }
+    /* u[0] rows 0-3 of columns 0,4 ; u[1] columns 2,6 ; u[2] columns 1,5 ; u[3] columns 3,7 */
+    r[0] = _mm512_shuffle_f64x2(u[0], u[4], 0x88);
+    r[4] = _mm512_shuffle_f64x2(u[0], u[4], 0xDD);
+    r[2] = _mm512_shuffle_f64x2(u[1], u[5], 0x88);
+    r[6] = _mm512_shuffle_f64x2(u[1], u[5], 0xDD);
+    r[1] = _mm512_shuffle_f64x2(u[2], u[6], 0x88);
+    r[5] = _mm512_shuffle_f64x2(u[2], u[6], 0xDD);
+    r[3] = _mm512_shuffle_f64x2(u[3], u[7], 0x88);
+    r[7] = _mm512_shuffle_f64x2(u[3], u[7], 0xDD);
+}
 
 /* ---- float32 ---- */
 #define T float
@@ -62,7 +140,9 @@
 #define V_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define V_MUL(a, b) _mm512_mul_ps((a), (b))
 #define V_RSUM(v) _mm512_reduce_add_ps(v)
-#include "_simd_gemm_t.h" /* undefines T, SUF, V, VN and V_* again */
+#define V_TRANSPOSE(r) fm_tr16_ps(r)
+#define GM_KC 64
+#include "_simd_gemm_t.h" /* undefines T, SUF, V, VN, GM_KC and V_* again */
 
 /* ---- float64 ---- */
 #define T double
@@ -78,10 +158,106 @@
 #define V_FMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define V_MUL(a, b) _mm512_mul_pd((a), (b))
 #define V_RSUM(v) _mm512_reduce_add_pd(v)
-#include "_simd_gemm_t.h" /* undefines T, SUF, V, VN and V_* again */
+#define V_TRANSPOSE(r) fm_tr8_pd(r)
+#define GM_KC 64
+#include "_simd_gemm_t.h"
+
+#elif FM_SIMD_GEMM
+/* ------------------------------------------------------------------------------------ AVX2 */
+/* 16 registers: fm_gemm up to 4 rows x 3 vectors = 12 accumulators (+ 3 + 1), 6 x 2, 12 x 1; fm_nt 4 x 3 = 12 (+ 3 + 1) */
+#define GM_KV 3
+#define GM_PR_KV3 4
+#define GM_PR_KV2 6
+#define GM_PR_KV1 12
+#define GM_PR_KV4 1 /* unused */
+#define GM_QUNROLL 1
+#define NT_MR 4
+#define NT_NR 3
+#define FM_VBYTES 32
+#define NT_SLAB_BYTES (256 * 1024)
+
+static const int32_t fm_mask32[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+static const int64_t fm_mask64[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+
+FM_INLINE void fm_tr8_ps(__m256 *r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+FM_INLINE void fm_tr4_pd(__m256d *r) {
+    const __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    const __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    r[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+    r[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+    r[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+    r[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+
+FM_INLINE float fm_rsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+FM_INLINE double fm_rsum4(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+}
+
+/* ---- float32 ---- */
+#define T float
+#define SUF f32
+#define V __m256
+#define VN 8
+#define V_ZERO() _mm256_setzero_ps()
+#define V_LOAD(p) _mm256_loadu_ps(p)
+#define V_LOADM(p, n) _mm256_maskload_ps((p), _mm256_loadu_si256((const __m256i *)(fm_mask32 + 8 - (n))))
+#define V_STORE(p, v) _mm256_storeu_ps((p), (v))
+#define V_STOREM(p, v, n) _mm256_maskstore_ps((p), _mm256_loadu_si256((const __m256i *)(fm_mask32 + 8 - (n))), (v))
+#define V_SET1(x) _mm256_set1_ps(x)
+#define V_FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define V_MUL(a, b) _mm256_mul_ps((a), (b))
+#define V_RSUM(v) fm_rsum8(v)
+#define V_TRANSPOSE(r) fm_tr8_ps(r)
+#define GM_KC 256
+#include "_simd_gemm_t.h"
+
+/* ---- float64 ---- */
+#define T double
+#define SUF f64
+#define V __m256d
+#define VN 4
+#define V_ZERO() _mm256_setzero_pd()
+#define V_LOAD(p) _mm256_loadu_pd(p)
+#define V_LOADM(p, n) _mm256_maskload_pd((p), _mm256_loadu_si256((const __m256i *)(fm_mask64 + 4 - (n))))
+#define V_STORE(p, v) _mm256_storeu_pd((p), (v))
+#define V_STOREM(p, v, n) _mm256_maskstore_pd((p), _mm256_loadu_si256((const __m256i *)(fm_mask64 + 4 - (n))), (v))
+#define V_SET1(x) _mm256_set1_pd(x)
+#define V_FMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+#define V_MUL(a, b) _mm256_mul_pd((a), (b))
+#define V_RSUM(v) fm_rsum4(v)
+#define V_TRANSPOSE(r) fm_tr4_pd(r)
+#define GM_KC 256
+#include "_simd_gemm_t.h"
 
 #else /* no SIMD kernels in this build: plain loops keep the symbols defined (the Cython code uses BLAS) */
 
+#define FM_VBYTES 16
 #define FM_SCALAR_KERNELS(T, SUF)                                                                          \
     static void fm_nt_##SUF(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *W, int64_t ldw,  \
                             T *C, int64_t ldc) {                                                             \
@@ -92,18 +268,81 @@
                 C[i * ldc + o] = s;                                                                          \
             }                                                                                                \
     }                                                                                                        \
-    static void fm_tn_##SUF(int64_t P, int64_t K, int64_t Q, const T *S, int64_t sp, int64_t sq, const T *R,  \
-                            int64_t ldr, T *C, int64_t ldc, T alpha, T beta) {                               \
-        for (int64_t p = 0; p < P; p++)                                                                      \
-            for (int64_t k = 0; k < K; k++) {                                                                \
+    static void fm_gemm_##SUF(int64_t P, int64_t K, int64_t Q, T *const *lrow, int64_t ls,             \
+                              T *const *rrow, int64_t roff, T *C, int64_t ldc, T alpha, T beta) {     \
+        for (int64_t i = 0; i < P; i++)                                                                      \
+            for (int64_t j = 0; j < K; j++) {                                                                \
                 T s = 0;                                                                                     \
-                for (int64_t q = 0; q < Q; q++) s += S[p * sp + q * sq] * R[q * ldr + k];                    \
-                C[p * ldc + k] = (beta == 0 ? 0 : beta * C[p * ldc + k]) + alpha * s;                        \
+                for (int64_t q = 0; q < Q; q++) s += lrow[i][q * ls] * rrow[q][roff + j];                    \
+                C[i * ldc + j] = (beta == 0 ? 0 : beta * C[i * ldc + j]) + alpha * s;                        \
             }                                                                                                \
+    }                                                                                                        \
+    static void fm_transpose_##SUF(int64_t rows, int64_t cols, const T *S, int64_t lds, T *D, int64_t ldd) { \
+        for (int64_t i = 0; i < rows; i++)                                                                   \
+            for (int64_t j = 0; j < cols; j++) D[j * ldd + i] = S[i * lds + j];                              \
     }
 FM_SCALAR_KERNELS(float, f32)
 FM_SCALAR_KERNELS(double, f64)
 #undef FM_SCALAR_KERNELS
 
 #endif /* FM_SIMD_GEMM */
+
+/* ---------------------------------------------------------------------------- the FMA bound */
+#define FM_PEAK_CHAINS 12
+#if FM_PEAK_AVX2 || FM_PEAK_AVX512
+#define FM_PEAK_BODY(VT, SET1, FMA, ADD, LANES, T)                                                           \
+    VT acc[FM_PEAK_CHAINS];                                                                                  \
+    const VT m = SET1((T)0.999999), c = SET1((T)1e-7);                                                       \
+    FM_UNROLL for (int j = 0; j < FM_PEAK_CHAINS; j++) acc[j] = SET1((T)(j + 1));                            \
+    for (int64_t i = 0; i < iters; i++) {                                                                    \
+        FM_UNROLL for (int j = 0; j < FM_PEAK_CHAINS; j++) acc[j] = FMA(acc[j], m, c);                       \
+        __asm__ volatile("" ::: "memory");                                                                   \
+    }                                                                                                        \
+    VT s = acc[0];                                                                                           \
+    FM_UNROLL for (int j = 1; j < FM_PEAK_CHAINS; j++) s = ADD(s, acc[j]);                                   \
+    T out[LANES];                                                                                            \
+    memcpy(out, &s, sizeof(s));                                                                              \
+    return (double)out[0];
+#endif
+#include <string.h>
+/* returns a value of the chains so that nothing is optimized away; flops = iters * FM_PEAK_CHAINS * 2 * lanes */
+static double fm_fma_peak_f32(int64_t iters) {
+#if FM_PEAK_AVX512
+    FM_PEAK_BODY(__m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, 16, float)
+#elif FM_PEAK_AVX2
+    FM_PEAK_BODY(__m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, 8, float)
+#else
+    float acc[FM_PEAK_CHAINS][4];
+    for (int j = 0; j < FM_PEAK_CHAINS; j++)
+        for (int l = 0; l < 4; l++) acc[j][l] = (float)(j + 1);
+    for (int64_t i = 0; i < iters; i++) {
+        FM_UNROLL for (int j = 0; j < FM_PEAK_CHAINS; j++) FM_UNROLL for (int l = 0; l < 4; l++)
+            acc[j][l] = acc[j][l] * 0.999999f + 1e-7f;
+        __asm__ volatile("" ::: "memory");
+    }
+    return (double)acc[0][0] + acc[FM_PEAK_CHAINS - 1][3];
+#endif
+}
+static double fm_fma_peak_f64(int64_t iters) {
+#if FM_PEAK_AVX512
+    FM_PEAK_BODY(__m512d, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd, 8, double)
+#elif FM_PEAK_AVX2
+    FM_PEAK_BODY(__m256d, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd, 4, double)
+#else
+    double acc[FM_PEAK_CHAINS][2];
+    for (int j = 0; j < FM_PEAK_CHAINS; j++)
+        for (int l = 0; l < 2; l++) acc[j][l] = (double)(j + 1);
+    for (int64_t i = 0; i < iters; i++) {
+        FM_UNROLL for (int j = 0; j < FM_PEAK_CHAINS; j++) FM_UNROLL for (int l = 0; l < 2; l++)
+            acc[j][l] = acc[j][l] * 0.999999 + 1e-7;
+        __asm__ volatile("" ::: "memory");
+    }
+    return acc[0][0] + acc[FM_PEAK_CHAINS - 1][1];
+#endif
+}
+/* vector lanes of the FMA bound's loop per dtype */
+#define FM_PEAK_VBYTES (FM_PEAK_AVX512 ? 64 : FM_PEAK_AVX2 ? 32 : 16)
+#define FM_PEAK_LANES_F32 (FM_PEAK_VBYTES / 4)
+#define FM_PEAK_LANES_F64 (FM_PEAK_VBYTES / 8)
+
 #endif /* FASTMLP_SIMD_GEMM_H */

@@ -1,77 +1,208 @@
-/* fastmlp: body of the SIMD kernels, included by _simd_gemm.h once per dtype
- * with T (element), V (vector), VN (lanes), SUF (name suffix) and the V_* operations defined;
- * undefines them all at the end, ready for the next dtype. */
+/* fastmlp: body of the SIMD kernels, included by _simd_gemm.h once per dtype with T (element), V (vector),
+ * VN (lanes), SUF (name suffix), the tile sizes and the V_* operations defined; undefines them all at the
+ * end, ready for the next dtype. */
 
 #define FM_CAT_(a, b) a##_##b
 #define FM_CAT(a, b) FM_CAT_(a, b)
 #define FN(name) FM_CAT(name, SUF)
 
-/* One NT tile: c[r*ldc + j] = dot(a[r], w[j]) over K, for r < mr, j < nr (mr, nr constants after inlining). */
-FM_INLINE void FN(fm_nt_tile)(const int mr, const int nr, int64_t K, const T *const *a, const T *const *w, T *c,
-                              int64_t ldc) {
+/* ================================================================================================
+ * fm_gemm: C[i][j] = beta C[i][j] + alpha sum_q L[i][q] R[q][j]        (i < P, j < K, q < Q)
+ *
+ * L[i][q] = lrow[i][q * ls] is broadcast, R[q][j] = rrow[q][roff + j] is loaded as vectors along j
+ * and C row i starts at C + i * ldc: an outer-product kernel, no horizontal sums.  Register tiles of
+ * pr <= GM_PR rows by kv <= GM_KV vectors accumulate over a block of at most GM_KC values of q (the
+ * tile's slice of R then stays in L1 while the row tiles take it in turn) and are added into C block
+ * by block.  Rows and vectors are dealt into tiles as evenly as possible.  Every C[i][j] is the same
+ * sequence of FMAs (q in order, block by block) whatever P and K are and whichever tile it falls in,
+ * so results never depend on how the callers cut rows or columns.  With beta == 0, C is not read.
+ * ================================================================================================ */
+
+/* how a tile's sum goes into C: mode 0 C = alpha acc; 1 C = beta C + alpha acc; 2 C = C + alpha acc */
+FM_INLINE void FN(gm_tile)(const int pr, const int kv, const int masked, int last, int64_t q0, int64_t q1,
+                           T *const *lrow, int64_t ls, T *const *rrow, int64_t j, T *c, int64_t ldc,
+                           T alpha, T beta, int mode) {
+    V acc[GM_PR_KV1][GM_KV];
+    const T *lp[GM_PR_KV1];
+    FM_UNROLL for (int i = 0; i < pr; i++) {
+        lp[i] = lrow[i] + q0 * ls;
+        FM_UNROLL for (int v = 0; v < kv; v++) acc[i][v] = V_ZERO();
+    }
+#define GM_STEP(Q_)                                                                                            \
+    {                                                                                                          \
+        const T *r = rrow[Q_] + j;                                                                             \
+        V rv[GM_KV];                                                                                           \
+        FM_UNROLL for (int v = 0; v < kv; v++) rv[v] = (masked && v == kv - 1) ? V_LOADM(r + v * VN, last)     \
+                                                                                 : V_LOAD(r + v * VN);         \
+        FM_UNROLL for (int i = 0; i < pr; i++) {                                                               \
+            const V b = V_SET1(lp[i][((Q_) - q0) * ls]);                                                       \
+            FM_UNROLL for (int v = 0; v < kv; v++) acc[i][v] = V_FMA(b, rv[v], acc[i][v]);                     \
+        }                                                                                                      \
+    }
+    int64_t q = q0;
+#if GM_QUNROLL > 1
+    for (; q + 2 <= q1; q += 2) {
+        GM_STEP(q)
+        GM_STEP(q + 1)
+    }
+#endif
+    for (; q < q1; q++) GM_STEP(q)
+#undef GM_STEP
+    const V va = V_SET1(alpha);
+    const V vb = V_SET1(beta);
+    FM_UNROLL for (int i = 0; i < pr; i++) {
+        T *ci = c + i * ldc;
+        FM_UNROLL for (int v = 0; v < kv; v++) {
+            const int m = masked && v == kv - 1;
+            V out;
+            if (mode == 0)
+                out = V_MUL(acc[i][v], va);
+            else if (mode == 1)
+                out = V_FMA(acc[i][v], va, V_MUL(m ? V_LOADM(ci + v * VN, last) : V_LOAD(ci + v * VN), vb));
+            else
+                out = V_FMA(acc[i][v], va, m ? V_LOADM(ci + v * VN, last) : V_LOAD(ci + v * VN));
+            if (m)
+                V_STOREM(ci + v * VN, out, last);
+            else
+                V_STORE(ci + v * VN, out);
+        }
+    }
+}
+
+/* The tiles the dispatch instantiates: kv vectors by up to GM_PR_KV<kv> rows (the most accumulators the
+ * registers hold for that width).  The callers never ask for more rows than that. */
+#define GM_ARGS last, q0, q1, lrow, ls, rrow, j, c, ldc, alpha, beta, mode
+#define GM_T(PR, KV) FN(gm_tile)(PR, KV, masked, GM_ARGS); return;
+#define GM_UPTO4(KV) case 1: GM_T(1, KV) case 2: GM_T(2, KV) case 3: GM_T(3, KV) default: GM_T(4, KV)
+#define GM_UPTO6(KV) case 1: GM_T(1, KV) case 2: GM_T(2, KV) case 3: GM_T(3, KV) case 4: GM_T(4, KV) \
+                     case 5: GM_T(5, KV) default: GM_T(6, KV)
+#define GM_UPTO8(KV) case 1: GM_T(1, KV) case 2: GM_T(2, KV) case 3: GM_T(3, KV) case 4: GM_T(4, KV) \
+                     case 5: GM_T(5, KV) case 6: GM_T(6, KV) case 7: GM_T(7, KV) default: GM_T(8, KV)
+#define GM_UPTO12(KV) case 1: GM_T(1, KV) case 2: GM_T(2, KV) case 3: GM_T(3, KV) case 4: GM_T(4, KV) \
+                      case 5: GM_T(5, KV) case 6: GM_T(6, KV) case 7: GM_T(7, KV) case 8: GM_T(8, KV) \
+                      case 9: GM_T(9, KV) case 10: GM_T(10, KV) case 11: GM_T(11, KV) default: GM_T(12, KV)
+#define GM_CAT3(a, b) a##b
+#define GM_UPTO(N, KV) GM_CAT3(GM_UPTO, N)(KV)
+
+/* one tile of pr rows (lrow and c at its first row and column) by kv vectors from column j of R, the
+ * last of them `last` lanes wide when masked (pr <= GM_PR_KV<kv>, kv <= GM_KV) */
+FM_INLINE void FN(gm_dispatch_m)(const int masked, int pr, int kv, int last, int64_t q0, int64_t q1,
+                                 T *const *lrow, int64_t ls, T *const *rrow, int64_t j, T *c, int64_t ldc, T alpha,
+                                 T beta, int mode) {
+    switch (kv) {
+    case 1:
+        switch (pr) { GM_UPTO(GM_PR_KV1, 1) }
+#if GM_KV >= 2
+    case 2:
+        switch (pr) { GM_UPTO(GM_PR_KV2, 2) }
+#endif
+#if GM_KV >= 3
+    case 3:
+        switch (pr) { GM_UPTO(GM_PR_KV3, 3) }
+#endif
+#if GM_KV >= 4
+    default:
+        switch (pr) { GM_UPTO(GM_PR_KV4, 4) }
+#endif
+    }
+}
+
+static void FN(gm_dispatch)(int masked, int pr, int kv, int last, int64_t q0, int64_t q1, T *const *lrow,
+                            int64_t ls, T *const *rrow, int64_t j, T *c, int64_t ldc, T alpha, T beta, int mode) {
+    if (masked)
+        FN(gm_dispatch_m)(1, pr, kv, last, q0, q1, lrow, ls, rrow, j, c, ldc, alpha, beta, mode);
+    else
+        FN(gm_dispatch_m)(0, pr, kv, last, q0, q1, lrow, ls, rrow, j, c, ldc, alpha, beta, mode);
+}
+
+/* rows of a tile kv vectors wide */
+FM_INLINE int FN(gm_rows_for)(int kv) {
+    return kv == 1 ? GM_PR_KV1 : kv == 2 ? GM_PR_KV2 : kv == 3 ? GM_PR_KV3 : GM_PR_KV4;
+}
+#undef GM_UPTO
+#undef GM_CAT3
+#undef GM_UPTO4
+#undef GM_UPTO6
+#undef GM_UPTO8
+#undef GM_UPTO12
+#undef GM_T
+#undef GM_ARGS
+
+static void FN(fm_gemm)(int64_t P, int64_t K, int64_t Q, T *const *lrow, int64_t ls, T *const *rrow,
+                        int64_t roff, T *C, int64_t ldc, T alpha, T beta) {
+    if (P <= 0 || K <= 0) return;
+    const int64_t nv = (K + VN - 1) / VN;          /* vectors of a row of C */
+    const int64_t npan = (nv + GM_KV - 1) / GM_KV; /* column panels */
+    const int tail = (int)(K - (nv - 1) * VN);     /* lanes of the last vector */
+    int64_t q0 = 0;
+    do {
+        const int64_t q1 = Q - q0 > GM_KC ? q0 + GM_KC : Q;
+        const int mode = q0 > 0 ? 2 : (beta == 0 ? 0 : 1);
+        for (int64_t pn = 0; pn < npan; pn++) {
+            const int64_t v0 = pn * nv / npan, v1 = (pn + 1) * nv / npan;
+            const int kv = (int)(v1 - v0), masked = v1 == nv && tail < VN;
+            const int64_t rmax = FN(gm_rows_for)(kv), ntil = (P + rmax - 1) / rmax; /* row tiles */
+            for (int64_t t = 0; t < ntil; t++) {
+                const int64_t i0 = t * P / ntil, i1 = (t + 1) * P / ntil;
+                FN(gm_dispatch)(masked, (int)(i1 - i0), kv, tail, q0, q1, lrow + i0, ls, rrow, roff + v0 * VN,
+                                C + i0 * ldc + v0 * VN, ldc, alpha, beta, mode);
+            }
+        }
+        q0 = q1;
+    } while (q0 < Q);
+}
+
+/* ================================================================================================
+ * fm_nt: C[i][o] = sum_k A[i][k] W[o][k]: dot products along k (both operands row-major), for
+ * inference on W as stored (no transposed copy to make).  Register tile NT_MR rows x NT_NR outputs;
+ * each output ends with one horizontal sum.  Each C[i][o] depends on row i and W only.
+ * ================================================================================================ */
+FM_INLINE void FN(nt_tile)(const int mr, const int nr, int64_t K, const T *const *a, const T *const *w, T *c,
+                           int64_t ldc) {
     V acc[NT_MR][NT_NR];
-    for (int r = 0; r < mr; r++)
-        for (int j = 0; j < nr; j++) acc[r][j] = V_ZERO();
+    FM_UNROLL for (int r = 0; r < mr; r++) FM_UNROLL for (int j = 0; j < nr; j++) acc[r][j] = V_ZERO();
     int64_t k = 0;
     for (; k + VN <= K; k += VN) {
         V wv[NT_NR];
-        for (int j = 0; j < nr; j++) wv[j] = V_LOAD(w[j] + k);
-        for (int r = 0; r < mr; r++) {
-            V av = V_LOAD(a[r] + k);
-            for (int j = 0; j < nr; j++) acc[r][j] = V_FMA(av, wv[j], acc[r][j]);
+        FM_UNROLL for (int j = 0; j < nr; j++) wv[j] = V_LOAD(w[j] + k);
+        FM_UNROLL for (int r = 0; r < mr; r++) {
+            const V av = V_LOAD(a[r] + k);
+            FM_UNROLL for (int j = 0; j < nr; j++) acc[r][j] = V_FMA(av, wv[j], acc[r][j]);
         }
     }
     if (k < K) {
         const int rem = (int)(K - k);
         V wv[NT_NR];
-        for (int j = 0; j < nr; j++) wv[j] = V_LOADM(w[j] + k, rem);
-        for (int r = 0; r < mr; r++) {
-            V av = V_LOADM(a[r] + k, rem);
-            for (int j = 0; j < nr; j++) acc[r][j] = V_FMA(av, wv[j], acc[r][j]);
+        FM_UNROLL for (int j = 0; j < nr; j++) wv[j] = V_LOADM(w[j] + k, rem);
+        FM_UNROLL for (int r = 0; r < mr; r++) {
+            const V av = V_LOADM(a[r] + k, rem);
+            FM_UNROLL for (int j = 0; j < nr; j++) acc[r][j] = V_FMA(av, wv[j], acc[r][j]);
         }
     }
-    for (int r = 0; r < mr; r++)
-        for (int j = 0; j < nr; j++) c[r * ldc + j] = V_RSUM(acc[r][j]);
+    FM_UNROLL for (int r = 0; r < mr; r++) FM_UNROLL for (int j = 0; j < nr; j++) c[r * ldc + j] = V_RSUM(acc[r][j]);
 }
 
-/* Tiles with nr outputs: the full NT_MR rows, or one row. */
-static void FN(fm_nt_full_rows)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc) {
-    switch (nr) {
-#if NT_NR >= 6
-    case 6: FN(fm_nt_tile)(NT_MR, 6, K, a, w, c, ldc); break;
-#endif
-#if NT_NR >= 5
-    case 5: FN(fm_nt_tile)(NT_MR, 5, K, a, w, c, ldc); break;
-#endif
-#if NT_NR >= 4
-    case 4: FN(fm_nt_tile)(NT_MR, 4, K, a, w, c, ldc); break;
-#endif
-    case 3: FN(fm_nt_tile)(NT_MR, 3, K, a, w, c, ldc); break;
-    case 2: FN(fm_nt_tile)(NT_MR, 2, K, a, w, c, ldc); break;
-    default: FN(fm_nt_tile)(NT_MR, 1, K, a, w, c, ldc); break;
+#define NT_N(n) (NT_NR >= (n) ? (n) : NT_NR)
+#define NT_CASES(MR)                                                                                           \
+    switch (nr) {                                                                                              \
+    case 1: FN(nt_tile)(MR, 1, K, a, w, c, ldc); return;                                                       \
+    case 2: FN(nt_tile)(MR, NT_N(2), K, a, w, c, ldc); return;                                                 \
+    case 3: FN(nt_tile)(MR, NT_N(3), K, a, w, c, ldc); return;                                                 \
+    case 4: FN(nt_tile)(MR, NT_N(4), K, a, w, c, ldc); return;                                                 \
+    default: FN(nt_tile)(MR, NT_N(5), K, a, w, c, ldc); return;                                                \
     }
+static void FN(nt_full_rows)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc) {
+    NT_CASES(NT_MR)
 }
-
-static void FN(fm_nt_one_row)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc) {
-    switch (nr) {
-#if NT_NR >= 6
-    case 6: FN(fm_nt_tile)(1, 6, K, a, w, c, ldc); break;
-#endif
-#if NT_NR >= 5
-    case 5: FN(fm_nt_tile)(1, 5, K, a, w, c, ldc); break;
-#endif
-#if NT_NR >= 4
-    case 4: FN(fm_nt_tile)(1, 4, K, a, w, c, ldc); break;
-#endif
-    case 3: FN(fm_nt_tile)(1, 3, K, a, w, c, ldc); break;
-    case 2: FN(fm_nt_tile)(1, 2, K, a, w, c, ldc); break;
-    default: FN(fm_nt_tile)(1, 1, K, a, w, c, ldc); break;
-    }
+static void FN(nt_one_row)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc) {
+    NT_CASES(1)
 }
+#undef NT_CASES
+#undef NT_N
 
 /* C (M, N; ldc) = A (M, K; lda) @ W (N, K; ldw).T */
-static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *W,
-                      int64_t ldw, T *C, int64_t ldc) {
+static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *W, int64_t ldw, T *C,
+                      int64_t ldc) {
     const T *a[NT_MR];
     const T *w[NT_NR];
     int64_t slab = NT_SLAB_BYTES / ((K > 0 ? K : 1) * (int64_t)sizeof(T));
@@ -84,7 +215,7 @@ static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, 
             for (int64_t j = j0; j < j1; j += NT_NR) {
                 const int nr = (int)(j1 - j < NT_NR ? j1 - j : NT_NR);
                 for (int q = 0; q < nr; q++) w[q] = W + (j + q) * ldw;
-                FN(fm_nt_full_rows)(nr, K, a, w, C + i * ldc + j, ldc);
+                FN(nt_full_rows)(nr, K, a, w, C + i * ldc + j, ldc);
             }
         }
         for (; i < M; i++) {
@@ -92,116 +223,32 @@ static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, 
             for (int64_t j = j0; j < j1; j += NT_NR) {
                 const int nr = (int)(j1 - j < NT_NR ? j1 - j : NT_NR);
                 for (int q = 0; q < nr; q++) w[q] = W + (j + q) * ldw;
-                FN(fm_nt_one_row)(nr, K, a, w, C + i * ldc + j, ldc);
+                FN(nt_one_row)(nr, K, a, w, C + i * ldc + j, ldc);
             }
         }
     }
 }
 
-/* One TN tile: pr rows of C from s (row p at s + p*sp), kv vectors from column k0; the last vector
- * holds only `last` lanes (VN when full).  pr, kv and whether last < VN are constants after inlining. */
-FM_INLINE void FN(fm_tn_tile)(const int pr, const int kv, const int masked, int last, int64_t Q, const T *s,
-                              int64_t sp, int64_t sq, const T *R, int64_t ldr, int64_t k0,
-                              T *c, int64_t ldc, T alpha, T beta) {
-    V acc[TN_PR][TN_KV];
-    for (int p = 0; p < pr; p++)
-        for (int v = 0; v < kv; v++) acc[p][v] = V_ZERO();
-    for (int64_t q = 0; q < Q; q++) {
-        const T *rq = R + q * ldr + k0;
-        V rv[TN_KV];
-        for (int v = 0; v < kv; v++)
-            rv[v] = (masked && v == kv - 1) ? V_LOADM(rq + v * VN, last) : V_LOAD(rq + v * VN);
-        const T *sq_ = s + q * sq;
-        for (int p = 0; p < pr; p++) {
-            V sv = V_SET1(sq_[p * sp]);
-            for (int v = 0; v < kv; v++) acc[p][v] = V_FMA(sv, rv[v], acc[p][v]);
-        }
-    }
-    const V va = V_SET1(alpha);
-    if (beta == 0) {
-        for (int p = 0; p < pr; p++)
-            for (int v = 0; v < kv; v++) {
-                T *cp = c + p * ldc + k0 + v * VN;
-                V out = V_MUL(acc[p][v], va);
-                if (masked && v == kv - 1)
-                    V_STOREM(cp, out, last);
-                else
-                    V_STORE(cp, out);
-            }
-    } else {
-        const V vb = V_SET1(beta);
-        for (int p = 0; p < pr; p++)
-            for (int v = 0; v < kv; v++) {
-                T *cp = c + p * ldc + k0 + v * VN;
-                if (masked && v == kv - 1)
-                    V_STOREM(cp, V_FMA(acc[p][v], va, V_MUL(V_LOADM(cp, last), vb)), last);
-                else
-                    V_STORE(cp, V_FMA(acc[p][v], va, V_MUL(V_LOAD(cp), vb)));
-            }
-    }
-}
-
-#define FM_TN_ARGS Q, s, sp, sq, R, ldr, k0, c, ldc, alpha, beta
-
-/* pr rows (pr == TN_PR, or 1), kv full vectors (1 <= kv <= TN_KV), optionally one masked vector after them */
-static void FN(fm_tn_rows)(int pr, int kv, int last, int64_t Q, const T *s, int64_t sp, int64_t sq, const T *R,
-                           int64_t ldr, int64_t k0, T *c, int64_t ldc, T alpha, T beta) {
-    /* kv counts vectors including a masked last one when last < VN */
-    const int masked = last < VN;
-    if (pr == TN_PR) {
-        if (!masked) {
-            switch (kv) {
-            case TN_KV: FN(fm_tn_tile)(TN_PR, TN_KV, 0, VN, FM_TN_ARGS); return;
-#if TN_KV >= 4
-            case 3: FN(fm_tn_tile)(TN_PR, 3, 0, VN, FM_TN_ARGS); return;
-#endif
-            case 2: FN(fm_tn_tile)(TN_PR, 2, 0, VN, FM_TN_ARGS); return;
-            default: FN(fm_tn_tile)(TN_PR, 1, 0, VN, FM_TN_ARGS); return;
+/* ================================================================================================
+ * fm_transpose: D[j][i] = S[i][j] for i < rows, j < cols (S row stride lds, D row stride ldd), in
+ * VN x VN blocks transposed in registers (V_TRANSPOSE); partial blocks load and store masked.
+ * ================================================================================================ */
+static void FN(fm_transpose)(int64_t rows, int64_t cols, const T *S, int64_t lds, T *D, int64_t ldd) {
+    V blk[VN];
+    for (int64_t i0 = 0; i0 < rows; i0 += VN) {
+        const int ni = (int)(rows - i0 < VN ? rows - i0 : VN);
+        for (int64_t j0 = 0; j0 < cols; j0 += VN) {
+            const int nj = (int)(cols - j0 < VN ? cols - j0 : VN);
+            if (ni == VN && nj == VN) {
+                FM_UNROLL for (int r = 0; r < VN; r++) blk[r] = V_LOAD(S + (i0 + r) * lds + j0);
+                V_TRANSPOSE(blk);
+                FM_UNROLL for (int r = 0; r < VN; r++) V_STORE(D + (j0 + r) * ldd + i0, blk[r]);
+            } else {
+                for (int r = 0; r < VN; r++) blk[r] = r < ni ? V_LOADM(S + (i0 + r) * lds + j0, nj) : V_ZERO();
+                V_TRANSPOSE(blk);
+                for (int r = 0; r < nj; r++) V_STOREM(D + (j0 + r) * ldd + i0, blk[r], ni);
             }
         }
-        switch (kv) {
-        case TN_KV: FN(fm_tn_tile)(TN_PR, TN_KV, 1, last, FM_TN_ARGS); return;
-#if TN_KV >= 4
-        case 3: FN(fm_tn_tile)(TN_PR, 3, 1, last, FM_TN_ARGS); return;
-#endif
-        case 2: FN(fm_tn_tile)(TN_PR, 2, 1, last, FM_TN_ARGS); return;
-        default: FN(fm_tn_tile)(TN_PR, 1, 1, last, FM_TN_ARGS); return;
-        }
-    }
-    if (!masked) {
-        switch (kv) {
-        case TN_KV: FN(fm_tn_tile)(1, TN_KV, 0, VN, FM_TN_ARGS); return;
-#if TN_KV >= 4
-        case 3: FN(fm_tn_tile)(1, 3, 0, VN, FM_TN_ARGS); return;
-#endif
-        case 2: FN(fm_tn_tile)(1, 2, 0, VN, FM_TN_ARGS); return;
-        default: FN(fm_tn_tile)(1, 1, 0, VN, FM_TN_ARGS); return;
-        }
-    }
-    switch (kv) {
-    case TN_KV: FN(fm_tn_tile)(1, TN_KV, 1, last, FM_TN_ARGS); return;
-#if TN_KV >= 4
-    case 3: FN(fm_tn_tile)(1, 3, 1, last, FM_TN_ARGS); return;
-#endif
-    case 2: FN(fm_tn_tile)(1, 2, 1, last, FM_TN_ARGS); return;
-    default: FN(fm_tn_tile)(1, 1, 1, last, FM_TN_ARGS); return;
-    }
-}
-#undef FM_TN_ARGS
-
-/* C (P, K; ldc) = beta C + alpha S (P, Q; strides sp, sq) @ R (Q, K; ldr) */
-static void FN(fm_tn)(int64_t P, int64_t K, int64_t Q, const T *S, int64_t sp, int64_t sq, const T *R, int64_t ldr,
-                      T *C, int64_t ldc, T alpha, T beta) {
-    const int64_t kblk = (int64_t)TN_KV * VN;
-    for (int64_t k0 = 0; k0 < K; k0 += kblk) {
-        const int64_t width = K - k0 < kblk ? K - k0 : kblk;
-        const int kv = (int)((width + VN - 1) / VN);
-        const int last = (int)(width - (int64_t)(kv - 1) * VN);
-        int64_t p = 0;
-        for (; p + TN_PR <= P; p += TN_PR)
-            FN(fm_tn_rows)(TN_PR, kv, last, Q, S + p * sp, sp, sq, R, ldr, k0, C + p * ldc, ldc, alpha, beta);
-        for (; p < P; p++)
-            FN(fm_tn_rows)(1, kv, last, Q, S + p * sp, sp, sq, R, ldr, k0, C + p * ldc, ldc, alpha, beta);
     }
 }
 
@@ -212,6 +259,7 @@ static void FN(fm_tn)(int64_t P, int64_t K, int64_t Q, const T *S, int64_t sp, i
 #undef SUF
 #undef V
 #undef VN
+#undef GM_KC
 #undef V_ZERO
 #undef V_LOAD
 #undef V_LOADM
@@ -221,3 +269,4 @@ static void FN(fm_tn)(int64_t P, int64_t K, int64_t Q, const T *S, int64_t sp, i
 #undef V_FMA
 #undef V_MUL
 #undef V_RSUM
+#undef V_TRANSPOSE
