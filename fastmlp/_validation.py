@@ -370,7 +370,9 @@ def as_sample_weight(sample_weight: object, n_samples: int, name: str = "sample_
         arr = np.full(n_samples, float(arr))
     if arr.ndim != 1 or arr.shape[0] != n_samples:
         raise ValueError(f"{name} must be 1-D with one weight per row ({n_samples}), got shape {arr.shape}")
-    out = np.ascontiguousarray(arr, dtype=np.float64)
+    # always a copy (n floats): weights that are a view of a buffer the fit writes (a network's bias)
+    # would otherwise change between epochs
+    out = np.array(arr, dtype=np.float64, order="C", copy=True)
     if not np.isfinite(out).all() or (out < 0).any():
         raise ValueError(f"{name} must be finite and >= 0")
     return out

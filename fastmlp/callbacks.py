@@ -224,6 +224,8 @@ class EarlyStopping(Callback):
         self.best_epoch: int | None = None
         self.stopped_epoch: int | None = None
         self.best_weights: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+        #: the state before the last on_epoch_end, that epoch's number and its network (see _drop_rolled_back)
+        self._undo: tuple[Any, ...] | None = None
 
     @property
     def best_value(self) -> float:
@@ -246,8 +248,23 @@ class EarlyStopping(Callback):
         self._started = True
         self.stopped_epoch = None
 
+    def _drop_rolled_back(self) -> None:
+        """Forget the last epoch seen when the fit rolled it back (a KeyboardInterrupt later in its commit,
+        e.g. from a callback after this one): its weights must not be restored or checkpointed."""
+        if self._undo is None:
+            return
+        rule, best_epoch, best_weights, stopped, epoch, net, history = self._undo
+        if net.epochs_ < epoch:  # the network is back at an earlier epoch
+            self.rule.load_state_dict(rule)
+            self.best_epoch, self.best_weights, self.stopped_epoch = best_epoch, best_weights, stopped
+            if history.best_epoch in (epoch, None):
+                history.best_epoch = best_epoch
+            self._undo = None
+
     def on_epoch_end(self, net: Network, history: History) -> bool:
         value = getattr(history, self.monitor)[-1]
+        self._undo = (self.rule.state_dict(), self.best_epoch, self.best_weights, self.stopped_epoch,
+                      history.epoch[-1], net, history)  # fmt: skip
         _, new_best = self.rule.update(value)
         if new_best:
             self.best_epoch = history.epoch[-1]
@@ -263,11 +280,14 @@ class EarlyStopping(Callback):
         return True
 
     def on_train_end(self, net: Network, history: History) -> None:
+        self._drop_rolled_back()
+        self._undo = None
         if self.restore_best and self.best_weights is not None:
             net.set_params(*self.best_weights)
             history.restored_best = True
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        self._drop_rolled_back()
         state = {"rule": self.rule.state_dict(), "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch}
         arrays: dict[str, np.ndarray] = {}
         if self.best_weights is not None:
@@ -281,6 +301,7 @@ class EarlyStopping(Callback):
         self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
         n = int(state.get("n_best", 0))
         self.best_weights = ([arrays[f"W{i}"] for i in range(n)], [arrays[f"b{i}"] for i in range(n)]) if n else None
+        self._undo = None
 
 
 #: Keras's metric names, accepted wherever fastmlp's are (``monitor="val_loss"``)

@@ -141,11 +141,14 @@ def load_idx(images_path: str | os.PathLike[str], labels_path: str | os.PathLike
     FileNotFoundError
         A file does not exist.
     ValueError
-        A truncated file, a wrong magic number, or image and label counts that differ.
+        A truncated file, a wrong magic number, image and label counts that differ, or a path that is a
+        directory, FIFO or device rather than a file.
     """
     images_path, labels_path = Path(images_path), Path(labels_path)
     for p in (images_path, labels_path):
         if not p.is_file():
+            if os.path.lexists(p) and p.exists():  # a directory, FIFO, device or socket
+                raise ValueError(f"{p} is not a regular file (a directory, FIFO or device); give an IDX file")
             raise FileNotFoundError(f"IDX file not found: {p}")
     (n, rows, cols), pix = _read_idx(images_path, _IMAGES_MAGIC, "images")
     (m,), lab = _read_idx(labels_path, _LABELS_MAGIC, "labels")

@@ -14,15 +14,28 @@ exception (``ValueError``/``TypeError``; ``FloatingPointError`` for a diverging
 fit) or all return results equal within the documented tolerance (float64
 1e-9, float32 1e-4, relative + absolute).
 
-``FASTMLP_FUZZ_COUNT_FILE``: where the number of executed cases is written.
+Cases are counted per class (kernels, Network ..., integer aliasing, tampered
+parameters, file limits, interrupts) with the outcomes the helpers classify
+(wrong results, unclear errors, hangs, data lost); a failing case also fails
+its test.
+
+``FASTMLP_FUZZ_COUNT_FILE``: where the number of executed cases is written;
+``<that>.json`` gets the per-class table, ``<that>.current`` the class running
+(so that the parent can name the class of a crash).
 ``FASTMLP_FUZZ_SCALE``: multiplies every property's ``max_examples`` (default 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import gzip
 import io
+import json
 import os
+import signal
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +53,7 @@ from fastmlp.backends.contract import (
     OptimizerState,
     plan_epoch,
 )
+from fastmlp.callbacks import Callback
 from fastmlp.network import Network
 
 BACKENDS = fastmlp.available_backends()
@@ -52,6 +66,66 @@ FLOAT_DTYPES = ("float32", "float64")
 PAIRS = sorted(VALID_OUTPUT_LOSS)
 
 _cases = [0]
+#: the class of the running test (set per test function) and the per-class table
+CLASSES = {"test_kernel_": "kernels", "test_network_constructor": "Network constructor",
+           "test_network_inference": "Network inference", "test_network_fit": "Network fit",
+           "test_network_mc_predict": "mc_predict", "test_lr_find": "lr_find", "test_save_load": "save/load",
+           "test_load_missing": "save/load", "test_compat": "compat", "test_int_alias": "integer aliasing",
+           "test_tampered": "tampered parameters", "test_file_": "file limits", "test_idx_": "file limits",
+           "test_interrupt": "interrupts"}  # fmt: skip
+OUTCOMES = ("cases", "crashes", "hangs", "wrong results", "unclear errors", "data lost")
+STATS: dict[str, dict[str, int]] = {}
+_current = ["?"]
+
+
+def _count_file(suffix: str = "") -> Path | None:
+    path = os.environ.get("FASTMLP_FUZZ_COUNT_FILE")
+    return Path(path + suffix) if path else None
+
+
+def count() -> None:
+    """One more case of the running class."""
+    _cases[0] += 1
+    STATS.setdefault(_current[0], dict.fromkeys(OUTCOMES, 0))["cases"] += 1
+
+
+def bad(outcome: str, message: str) -> AssertionError:
+    """Record a failed case of the running class; the caller raises what this returns."""
+    STATS.setdefault(_current[0], dict.fromkeys(OUTCOMES, 0))[outcome] += 1
+    return AssertionError(f"[{outcome}] {message}")
+
+
+class Hang(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 20):
+    """Fail the case as a hang when it takes longer than ``seconds`` (SIGALRM, main thread)."""
+
+    def on_alarm(signum, frame):
+        raise Hang(f"no answer within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    except Hang as exc:
+        raise bad("hangs", str(exc)) from None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(autouse=True)
+def _class_of_test(request):
+    name = request.node.name
+    _current[0] = next((c for prefix, c in CLASSES.items() if name.startswith(prefix)), "other")
+    STATS.setdefault(_current[0], dict.fromkeys(OUTCOMES, 0))
+    path = _count_file(".current")
+    if path:
+        path.write_text(_current[0])
+    yield
 
 
 def fuzz(n: int):
@@ -70,9 +144,12 @@ def fuzz(n: int):
 def _report_count():
     yield
     print(f"\nFUZZ CASES EXECUTED: {_cases[0]}")
-    path = os.environ.get("FASTMLP_FUZZ_COUNT_FILE")
+    for name, row in STATS.items():
+        print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    path = _count_file()
     if path:
-        Path(path).write_text(str(_cases[0]))
+        path.write_text(str(_cases[0]))
+        _count_file(".json").write_text(json.dumps(STATS))
 
 
 # ------------------------------------------------------------------ helpers
@@ -109,10 +186,18 @@ def differential(call, tol: float, allowed=DOCUMENTED, backends=COMPILED) -> str
     ``call`` must build its inputs afresh on every call (same values each time).
     Returns ``"ok"`` or ``"raised"`` (the reference's outcome).
     """
-    _cases[0] += 1
+    count()
     kind, ref = run(lambda: call("numpy"))
     if kind == "raised" and not isinstance(ref, allowed):
-        raise AssertionError(f"reference raised an undocumented {type(ref).__name__}: {ref}") from ref
+        raise bad("unclear errors", f"reference raised an undocumented {type(ref).__name__}: {ref}") from ref
+    try:
+        _compare(call, kind, ref, tol, backends)
+    except AssertionError as exc:
+        raise bad("unclear errors" if "raised" in str(exc) else "wrong results", str(exc)) from exc
+    return kind
+
+
+def _compare(call, kind, ref, tol, backends) -> None:
     if kind == "ok":  # a float32 array anywhere in the result (a cast input) sets the float32 tolerance
         tol = max([tol] + [TOL.get(a.dtype, tol) for a in _arrays(ref)])
     for name in backends:
@@ -124,7 +209,6 @@ def differential(call, tol: float, allowed=DOCUMENTED, backends=COMPILED) -> str
             if gkind == "raised":
                 raise AssertionError(f"{name} raised {type(got).__name__}: {got} where the reference succeeded") from got
             assert_same(ref, got, tol, name)
-    return kind
 
 
 def _arrays(obj):
@@ -432,7 +516,7 @@ LAYER_CHOICES = st.one_of(
        backend=st.sampled_from([*BACKENDS, "auto", "bogus", None, 3]),
        seed=st.one_of(st.none(), st.integers(-2, 2**64 + 1), st.sampled_from([1.5, "1", True])))  # fmt: skip
 def test_network_constructor(layers, activation, output, loss, dtype, backend, seed):
-    _cases[0] += 1
+    count()
     kind, net = run(lambda: Network(layers, activation=activation, output=output, loss=loss, dtype=dtype,
                                     backend=backend, seed=seed))  # fmt: skip
     if kind == "raised":
@@ -578,7 +662,7 @@ def test_lr_find(dt, sizes, hidden, pair, n, xdtype, layout, poison, pos, seed, 
        damage=st.sampled_from(["flip", "flip", "flip", "truncate", "truncate", "garbage", "empty", "append", "none"]),
        n_flips=st.integers(1, 4), data=st.data())  # fmt: skip
 def test_save_load(tmp_path_factory, dt, sizes, hidden, pair, fit, seed, damage, n_flips, data):
-    _cases[0] += 1
+    count()
     rng = np.random.default_rng(seed)
     if pair[0] == "softmax" and sizes[-1] < 2:  # a softmax needs two units (one unit: a sigmoid)
         sizes = [*sizes[:-1], 2]
@@ -618,7 +702,7 @@ def test_save_load(tmp_path_factory, dt, sizes, hidden, pair, fit, seed, damage,
 
 
 def test_load_missing_file(tmp_path):
-    _cases[0] += 1
+    count()
     with pytest.raises(FileNotFoundError):
         Network.load(tmp_path / "nope.npz")
 
@@ -629,7 +713,7 @@ def test_load_missing_file(tmp_path):
        num_classes=st.sampled_from([1, 3, 10, 0, True]),
        random_seed=st.sampled_from([123, 0, 2**32 - 1, 2**32, -1, 1.5, None]))  # fmt: skip
 def test_compat_constructor(num_features, num_hidden, num_classes, random_seed):
-    _cases[0] += 1
+    count()
     kind, m = run(lambda: compat.NeuralNetMLP(num_features, num_hidden, num_classes, random_seed=random_seed))
     if kind == "raised":
         assert isinstance(m, DOCUMENTED), f"{type(m).__name__}: {m}"
@@ -642,7 +726,7 @@ def test_compat_constructor(num_features, num_hidden, num_classes, random_seed):
 @given(n=st.integers(0, 8), num_labels=st.sampled_from([1, 3, 10, 0, -1, 2.5, None]), seed=seeds,
        label_fault=st.sampled_from(LABEL_FAULTS))  # fmt: skip
 def test_compat_int_to_onehot(n, num_labels, seed, label_fault):
-    _cases[0] += 1
+    count()
     rng = np.random.default_rng(seed)
     k = num_labels if isinstance(num_labels, int) and num_labels > 0 else 3
     y = apply_label_fault(rng.integers(0, k, n), label_fault, k)
@@ -720,3 +804,561 @@ def test_compat_train(n, f, h, k, xdtype, seed, epochs, lr, mbs, valid):
 
     differential(call, 1e-9)
 
+
+# ------------------------------------------------------------------ integer aliasing
+def documented_or(fn, what: str, allowed=DOCUMENTED):
+    """``fn()``'s result, or None after a documented exception; anything else is an unclear error."""
+    try:
+        return fn()
+    except allowed:
+        return None
+    except Exception as exc:
+        raise bad("unclear errors", f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _same_or_raise(aliased, clean, what: str) -> None:
+    """The aliased call gave a documented error (None) or exactly the result of the same call on copies."""
+    if aliased is None:
+        return
+    if clean is None:
+        raise bad("wrong results", f"{what}: succeeded with aliased integers where copies raise")
+    try:
+        assert_same(clean, aliased, 0.0, what)
+    except AssertionError as exc:
+        raise bad("wrong results", f"{what}: aliased integers changed the result: {exc}") from None
+
+
+def _int_view(a: np.ndarray) -> np.ndarray:
+    """The 1-D integer view of ``a``'s memory (int64 for float64, int32 for float32)."""
+    return a.reshape(-1).view(np.int64 if a.dtype == np.float64 else np.int32)
+
+
+@fuzz(160)
+@given(dt=st.sampled_from(FLOAT_DTYPES), n=st.integers(1, 6), f=st.integers(1, 4), k=st.integers(1, 4), seed=seeds,
+       where=st.sampled_from(["order=bias", "order=weight", "order=state", "y=out", "y=bias (kernel)", "fit y=bias",
+                              "fit y=weight", "fit sample_weight=bias", "fit X=weight"]),
+       backend=st.sampled_from(BACKENDS))  # fmt: skip
+def test_int_aliasing(dt, n, f, k, seed, where, backend):
+    """Integer arrays (labels, order) or inputs that are views of buffers the call writes."""
+    count()
+    be = fastmlp.get_backend(backend)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    perm = rng.permutation(n)
+    X = rng.uniform(-1, 1, (n, f)).astype(dt)
+    per = 2 if dt == "float32" else 1  # int32 views of float32: one label per element
+
+    if where.startswith("order=") or where == "y=bias (kernel)":
+        sizes = [f, n * per, k] if where != "order=weight" else [f, k]
+
+        def call(alias: bool):
+            r = np.random.default_rng(seed)
+            Ws, bs = _params(r, sizes, dt)
+            state = OptimizerState.zeros("momentum", sizes, dt) if where == "order=state" else None
+            host = {"order=bias": bs[0], "order=weight": Ws[0], "order=state": None, "y=bias (kernel)": bs[0]}[where]
+            if where == "order=state":
+                host = state.weights[0][0]
+            view = _int_view(host)
+            values = perm if where.startswith("order=") else labels
+            if view.size < n:
+                return "skip"
+            view[:n] = values
+            host_copy = view[:n].copy()
+            order = view[:n] if alias and where.startswith("order=") else (host_copy if where.startswith("order=") else perm)
+            y = view[:n] if alias and where == "y=bias (kernel)" else (host_copy if where == "y=bias (kernel)" else labels)
+            extra = {"momentum": 0.9} if state is not None else {}
+            plan = plan_epoch(sizes, dt, batch_size=2, hidden="sigmoid", output="softmax", loss="ce",
+                              optimizer="momentum" if state is not None else "sgd", **extra)  # fmt: skip
+            res = be.train_epoch(X, y, order, (Ws, bs), state, 0.3, plan, 0)
+            return tuple(res), Ws, bs, [] if state is None else state.arrays()
+
+        clean = documented_or(lambda: call(False), where)
+        if clean == "skip":
+            return
+        _same_or_raise(documented_or(lambda: call(True), where), clean, f"{where} ({backend}, {dt})")
+        return
+
+    if where == "y=out":
+
+        def call(alias: bool):
+            A = np.random.default_rng(seed).uniform(0.05, 0.95, (n, k)).astype(dt)
+            out = np.zeros((n, k), dtype=dt)
+            view = _int_view(out)
+            if view.size < n:
+                return "skip"
+            view[:n] = labels
+            y = view[:n] if alias else view[:n].copy()
+            if not alias:
+                out = np.zeros((n, k), dtype=dt)
+            d, loss, nc = be.output_delta(A, y, "softmax" if k > 1 else "sigmoid", "ce", out=out)
+            return d.copy(), loss, nc
+
+        clean = documented_or(lambda: call(False), where)
+        if clean == "skip":
+            return
+        _same_or_raise(documented_or(lambda: call(True), where), clean, f"{where} ({backend}, {dt})")
+        return
+
+    # fit on a Network: y, sample_weight or X share memory with the network's parameters
+    hidden = n * per if where in ("fit y=bias", "fit sample_weight=bias") else n
+
+    def call(alias: bool):
+        net = Network([f, hidden, max(k, 2)], dtype=dt, backend=backend, seed=seed % 1000)
+        kw: dict = {}
+        Xa, ya = X, labels
+        if where == "fit y=bias":
+            view = _int_view(net.biases[0])
+            view[:n] = labels
+            ya = view[:n] if alias else view[:n].copy()
+        elif where == "fit y=weight":
+            view = _int_view(net.weights[0])
+            if view.size < n:
+                return "skip"
+            view[:n] = labels
+            ya = view[:n] if alias else view[:n].copy()
+        elif where == "fit sample_weight=bias":
+            net.biases[0][:] = np.abs(net.biases[0]) + 0.1
+            sw = net.biases[0][::per] if per == 2 else net.biases[0]
+            kw["sample_weight"] = sw if alias else sw.copy()
+        elif where == "fit X=weight":  # W0 is (n, f): the data is the first layer's weights
+            Xa = net.weights[0] if alias else net.weights[0].copy()
+        hist = net.fit(Xa, ya, epochs=2, batch_size=2, lr=0.3, seed=1, verbose=False, warn=False, **kw)
+        return net.weights, net.biases, np.array(hist.train_loss)
+
+    clean = documented_or(lambda: call(False), where)
+    if clean == "skip":
+        return
+    _same_or_raise(documented_or(lambda: call(True), where), clean, f"{where} ({backend}, {dt})")
+
+
+# ------------------------------------------------------------------ tampered parameters
+TAMPER = ("shape", "ndim", "other_float", "int", "F", "strided", "nan", "inf", "shared", "shared_col", "readonly",
+          "list", "zero_d", "bigendian", "object")  # fmt: skip
+
+
+def _tamper(a: np.ndarray, fault: str, other: np.ndarray):
+    if fault == "shared":  # the same array as another parameter of that shape, else a view of it
+        return other if other.shape == a.shape else a
+    if fault == "shared_col":  # a view into another parameter
+        return other.reshape(-1)[: a.size].reshape(a.shape) if other.size >= a.size else a
+    if fault == "zero_d":
+        return np.float64(a.reshape(-1)[0]) if a.size else np.float64(0)
+    if fault == "int":
+        return np.rint(a * 3).astype(np.int64)
+    return apply_fault(a, {"other_float": "otherfloat"}.get(fault, fault), 0)
+
+
+@fuzz(180)
+@given(dt=st.sampled_from(FLOAT_DTYPES), sizes=st.lists(st.integers(1, 4), min_size=3, max_size=3), seed=seeds,
+       which=st.integers(0, 3), fault=st.sampled_from(TAMPER), backend=st.sampled_from(BACKENDS),
+       method=st.sampled_from(["fit", "predict", "predict_proba", "mc_predict", "evaluate", "set_params", "save",
+                               "forward", "get_params"]))  # fmt: skip
+def test_tampered_parameters(tmp_path_factory, dt, sizes, seed, which, fault, backend, method):
+    """A weight or bias replaced on the network (wrong shape, dtype, layout, non-finite, shared, read-only)."""
+    count()
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, (5, sizes[0]))
+    y = rng.integers(0, sizes[-1], 5)
+    out_dir = tmp_path_factory.mktemp("tamper")
+
+    def make():
+        return Network(sizes, activation="tanh", output="softmax" if sizes[-1] > 1 else "sigmoid", loss="ce",
+                       dtype=dt, backend=backend, seed=seed % 997)  # fmt: skip
+
+    def act(net, path):
+        if method == "fit":
+            h = net.fit(X, y, epochs=1, batch_size=2, lr=0.2, seed=3, dropout=0.2, verbose=False, warn=False)
+            return [*net.weights, *net.biases, np.array(h.train_loss)]
+        if method == "mc_predict":
+            r = net.mc_predict(X, n_samples=3, seed=2, dropout=0.3)
+            return [r.mean, r.std]
+        if method == "evaluate":
+            return list(net.evaluate(X, y))
+        if method == "set_params":
+            clean = make()
+            net.set_params(clean.weights, clean.biases)
+            return [*net.weights, *net.biases, net.predict_proba(X)]
+        if method == "save":
+            net.save(path)
+            back = Network.load(path, backend=backend)
+            return [*back.weights, *back.biases]
+        if method == "get_params":
+            W, b = net.get_params()
+            return [np.asarray(a, dtype=float) for a in (*W, *b)]
+        res = getattr(net, method)(X)
+        return list(_arrays(res)) if isinstance(res, (list, tuple)) else [res]
+
+    net = make()
+    params = [*net.weights, *net.biases]
+    i = which % len(params)
+    other = params[(i + 1) % len(params)]
+    bad_value = _tamper(params[i], fault, other)
+    values_ok = fault in ("F", "strided", "readonly", "list", "bigendian")  # the values are untouched
+    if i < len(net.weights):
+        net.weights[i] = bad_value
+    else:
+        net.biases[i - len(net.weights)] = bad_value
+    snapshot = copy.deepcopy(bad_value)  # the values as they were before the call (which may write them)
+    path = out_dir / "model.npz"
+    make().save(path)  # a model already there: a refused save must leave it intact
+    before = path.read_bytes()
+    got = documented_or(lambda: act(net, path), f"{method} after {fault} (parameter {i}, {backend})")
+    if method == "save" and got is None and path.read_bytes() != before:
+        raise bad("data lost", f"a refused save ({fault}) changed the file already at {path}")
+    if got is None or method in ("get_params",):
+        return
+    if not values_ok and method not in ("set_params",):
+        # accepted although the values or the structure are not the network's: must at least give what the
+        # same network with these values would give (set_params casts them), or have refused
+        ref_net = make()
+        vals = [*ref_net.weights, *ref_net.biases]
+        vals[i] = snapshot
+        L = len(ref_net.weights)
+        try:
+            ref_net.set_params(vals[:L], vals[L:])
+        except DOCUMENTED:
+            raise bad("wrong results", f"{method} accepted a parameter set_params refuses ({fault}, parameter {i})") from None
+        if fault in ("shared", "shared_col") and method == "fit":
+            raise bad("wrong results", f"fit trained parameters sharing memory ({fault}, parameter {i})")
+        ref = act(ref_net, out_dir / "ref.npz")
+    else:
+        ref = act(make(), out_dir / "ref.npz")
+    try:
+        assert_same([np.asarray(a) for a in ref], [np.asarray(a) for a in got], TOL[np.dtype(dt)], method)
+    except AssertionError as exc:
+        raise bad("wrong results", f"{method} after {fault} (parameter {i}, {backend}): {exc}") from None
+
+
+# ------------------------------------------------------------------ file limits
+def _npy_bytes(header: dict, payload: bytes) -> bytes:
+    """A ``.npy`` member with a forged header."""
+    h = repr(header).encode()
+    h += b" " * ((64 - (10 + len(h) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h + payload
+
+
+def _rewrite_zip(raw: bytes, change) -> bytes:
+    """The zip ``raw`` with its members passed through ``change(name, data) -> [(name, data), ...]``."""
+    src = zipfile.ZipFile(io.BytesIO(raw))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as dst:
+        for info in src.infolist():
+            for name, data in change(info.filename, src.read(info)):
+                dst.writestr(name, data)
+    return buf.getvalue()
+
+
+FILE_DAMAGE = ("fifo", "dir", "devzero", "symlink_devzero", "huge_shape", "negative_shape", "extra_member",
+               "traversal_member", "pickle_member", "flip", "truncate", "claimed_size", "missing_meta", "empty")  # fmt: skip
+
+
+def _damage_file(path: Path, damage: str, raw: bytes, pos: int, member: str) -> None:
+    """Replace the file at ``path`` as ``damage`` says (its valid bytes: ``raw``)."""
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if damage == "fifo":
+        os.mkfifo(path)
+    elif damage == "dir":
+        path.mkdir()
+    elif damage == "symlink_devzero":
+        path.symlink_to("/dev/zero")
+    elif damage == "devzero":  # a path that is the device itself
+        path.symlink_to("/dev/zero")
+    else:
+        if damage in ("huge_shape", "negative_shape"):
+            shape = (2**40, 3) if damage == "huge_shape" else (-1, 3)
+            forged = _npy_bytes({"descr": "<f8", "fortran_order": False, "shape": shape}, b"\0" * 48)
+            raw = _rewrite_zip(raw, lambda n, d: [(n, forged if n.startswith(member) else d)])
+        elif damage == "extra_member":
+            raw = _rewrite_zip(raw, lambda n, d: [(n, d), ("extra.npy", d)] if n.startswith("meta") else [(n, d)])
+        elif damage == "traversal_member":
+            raw = _rewrite_zip(raw, lambda n, d: [("../" + n if n.startswith(member) else n, d)])
+        elif damage == "pickle_member":
+            obj = _npy_bytes({"descr": "|O", "fortran_order": False, "shape": (1,)}, b"\x80\x04N.")
+            raw = _rewrite_zip(raw, lambda n, d: [(n, obj if n.startswith(member) else d)])
+        elif damage == "flip":
+            b = bytearray(raw)
+            b[pos % len(b)] ^= 1 << (pos % 8)
+            raw = bytes(b)
+        elif damage == "truncate":
+            raw = raw[: pos % len(raw)]
+        elif damage == "claimed_size":  # a local header claiming 4 GiB uncompressed
+            b = bytearray(raw)
+            off = raw.find(b"PK\x03\x04")
+            struct.pack_into("<I", b, off + 22, 2**32 - 1)
+            raw = bytes(b)
+        elif damage == "missing_meta":
+            raw = _rewrite_zip(raw, lambda n, d: [] if n.startswith("meta") else [(n, d)])
+        elif damage == "empty":
+            raw = b""
+        path.write_bytes(raw)
+
+
+@fuzz(200)
+@given(damage=st.sampled_from(FILE_DAMAGE), target=st.sampled_from(["model", "checkpoint"]), pos=st.integers(0, 10**6),
+       member=st.sampled_from(["W0", "b0", "meta"]), optimizer=st.sampled_from(["sgd", "adam"]))  # fmt: skip
+def test_file_limits(tmp_path_factory, damage, target, pos, member, optimizer):
+    """Model files and checkpoints that are FIFOs, directories, /dev/zero, forged, extended or flipped."""
+    count()
+    d = tmp_path_factory.mktemp("files")
+    rng = np.random.default_rng(pos)
+    X, y = rng.uniform(-1, 1, (12, 3)), rng.integers(0, 2, 12)
+    net = Network([3, 4, 2], backend="numpy", seed=1)
+    kw = dict(epochs=3, batch_size=4, lr=0.2, seed=5, optimizer=optimizer, verbose=False, warn=False)
+    path = d / ("model.npz" if target == "model" else "ckpt.npz")
+    if target == "model":
+        net.fit(X, y, **{**kw, "epochs": 1})
+        net.save(path)
+    else:
+        net.fit(X, y, checkpoint=path, **{**kw, "epochs": 2})  # a checkpoint after 2 of 3 epochs: resume goes on
+        kw["epochs"] = 3
+    raw = path.read_bytes()
+    _damage_file(path, damage, raw, pos, member)
+    damaged = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+    with no_hang(20):
+        if target == "model":
+            got = documented_or(lambda: Network.load(path, backend="numpy"), f"load of a {damage} model file",
+                                allowed=(ValueError,))  # fmt: skip
+            if got is not None and damage not in ("flip", "claimed_size"):
+                raise bad("wrong results", f"a {damage} model file was loaded")
+            if got is not None:  # a flip in bytes that do not matter (or a local header unread): the same model
+                for a, b in zip(net.weights + net.biases, got.weights + got.biases):
+                    if not np.array_equal(a, b):
+                        raise bad("wrong results", "a flipped model file loaded with other weights")
+            return
+        fresh = Network([3, 4, 2], backend="numpy", seed=1)
+        hist = documented_or(lambda: fresh.fit(X, y, checkpoint=path, resume=True, **kw),
+                             f"resume from a {damage} checkpoint", allowed=(ValueError,))  # fmt: skip
+    if hist is None:
+        if damaged is not None and path.read_bytes() != damaged:
+            raise bad("data lost", "a refused resume changed the checkpoint")
+        return
+    if damage not in ("flip", "claimed_size"):
+        raise bad("wrong results", f"resumed from a {damage} checkpoint")
+    whole = Network([3, 4, 2], backend="numpy", seed=1)
+    whole.fit(X, y, **kw)
+    for a, b in zip(whole.weights + whole.biases, fresh.weights + fresh.biases):
+        if not np.array_equal(a, b):
+            raise bad("wrong results", "resumed from a flipped checkpoint with other weights than a whole run")
+
+
+def _idx(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
+    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + payload
+
+
+@fuzz(200)
+@given(n=st.integers(0, 5), rows=st.integers(0, 4), cols=st.integers(0, 4), gz=st.booleans(), which=st.integers(0, 1),
+       forge=st.sampled_from(["none", "none", "magic", "magic_swapped", "dims_huge", "dims_more", "dims_fewer",
+                              "count_mismatch", "trailing", "trailing_big", "truncated", "header_only", "empty",
+                              "fifo", "dir", "devzero", "gzip_garbage", "gzip_truncated"]),
+       pos=st.integers(0, 999))  # fmt: skip
+def test_idx_files(tmp_path_factory, n, rows, cols, gz, which, forge, pos):
+    """IDX image/label files with forged headers, trailing data, truncation, or not regular files at all."""
+    from fastmlp.datasets import load_idx
+
+    count()
+    d = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(pos)
+    pix = rng.integers(0, 256, n * rows * cols, dtype=np.uint8).tobytes()
+    lab = rng.integers(0, 10, n, dtype=np.uint8).tobytes()
+    files = [(2051, [n, rows, cols], pix), (2049, [n], lab)]
+    magic, dims, payload = files[which]
+    valid = forge == "none"
+    if forge == "magic":
+        magic = 2049 if magic == 2051 else 2051
+    elif forge == "magic_swapped":
+        magic = int.from_bytes(struct.pack("<I", magic), "big")
+    elif forge == "dims_huge":
+        dims = [2**32 - 1] * len(dims)
+    elif forge == "count_mismatch":
+        dims = [dims[0] + 1, *dims[1:]]
+        payload += b"\0" * (len(payload) // max(dims[0] - 1, 1) if dims[0] > 1 else max(1, len(payload)))
+    elif forge == "trailing":
+        payload += b"\0"
+    elif forge == "trailing_big":
+        payload += b"\0" * 100_000
+    elif forge == "truncated":
+        if not payload:
+            valid = True  # nothing to cut
+        payload = payload[: max(0, len(payload) - 1)]
+    raw = _idx(magic, tuple(dims), payload)
+    if forge == "dims_more":
+        raw = _idx(magic, (*dims, 3), payload)
+    elif forge == "dims_fewer":
+        raw = raw[: 4 + 4 * (len(dims) - 1)] if len(dims) > 1 else raw[:4]
+    elif forge == "header_only":
+        raw = raw[: 4 + 4 * len(dims)]
+        valid = not payload
+    elif forge == "empty":
+        raw = b""
+    paths = [d / "images", d / "labels"]
+    for (m, dd, pl), p in zip(files, paths):
+        p.write_bytes(_idx(m, tuple(dd), pl))
+    target = paths[which]
+    target.write_bytes(raw)
+    if gz or forge.startswith("gzip"):
+        target.unlink()
+        target = target.with_suffix(".gz")
+        paths[which] = target
+        blob = gzip.compress(raw)
+        if forge == "gzip_garbage":
+            blob += b"garbage!"
+        elif forge == "gzip_truncated":
+            blob = blob[: max(1, len(blob) - 5)]
+        target.write_bytes(blob)
+    if forge == "fifo":
+        target.unlink()
+        os.mkfifo(target)
+    elif forge == "dir":
+        target.unlink()
+        target.mkdir()
+    elif forge == "devzero":
+        target.unlink()
+        target.symlink_to("/dev/zero")
+    with no_hang(20):
+        got = documented_or(lambda: load_idx(*paths), f"load_idx ({forge})", allowed=(ValueError,))
+    if got is None:
+        if valid:
+            raise bad("wrong results", f"a valid IDX file ({n} x {rows} x {cols}, gz={gz}) was refused")
+        return
+    if not valid:
+        raise bad("wrong results", f"a {forge} IDX file was read")
+    Xl, yl = got
+    if Xl.shape != (n, rows * cols) or not np.array_equal(Xl.reshape(-1), np.frombuffer(pix, np.uint8)) \
+            or not np.array_equal(yl, np.frombuffer(lab, np.uint8)):  # fmt: skip
+        raise bad("wrong results", "load_idx returned other pixels or labels than the file holds")
+
+
+# ------------------------------------------------------------------ interrupts
+class _Raiser:
+    """KeyboardInterrupt from one hook at one epoch (a callback, the schedule, or the validation score)."""
+
+    def __init__(self, hook: str, at: int) -> None:
+        self.hook, self.at, self.fired = hook, at, False
+
+    def maybe(self, hook: str, epoch: int) -> None:
+        if hook == self.hook and epoch == self.at and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+
+
+class _RaisingCallback(Callback):
+    def __init__(self, raiser: _Raiser) -> None:
+        self.r = raiser
+
+    def on_train_begin(self, net, history):
+        self.r.maybe("on_train_begin", 0)
+
+    def on_epoch_end(self, net, history):
+        self.r.maybe("on_epoch_end", len(history.epoch))
+        return False
+
+    def on_train_end(self, net, history):
+        self.r.maybe("on_train_end", 0)
+
+
+class _RaisingSchedule:
+    def __init__(self, raiser: _Raiser, lr: float) -> None:
+        self.r, self.lr, self.seen = raiser, lr, 0
+
+    def on_train_begin(self, history):
+        self.r.maybe("schedule.on_train_begin", 0)
+
+    def epoch_lrs(self, epoch, n_steps):
+        self.r.maybe("schedule.epoch_lrs", epoch + 1)
+        return np.full(n_steps, self.lr / (1 + 0.1 * epoch))
+
+    def step_epoch(self, history):
+        self.r.maybe("schedule.step_epoch", len(history.epoch))
+
+
+HOOKS = ("on_train_begin", "on_epoch_end", "on_train_end", "score", "schedule.on_train_begin", "schedule.epoch_lrs",
+         "schedule.step_epoch")  # fmt: skip
+
+
+@fuzz(70)
+@given(backend=st.sampled_from(BACKENDS), hook=st.sampled_from(HOOKS), at=st.integers(1, 4),
+       optimizer=st.sampled_from(["sgd", "momentum", "adam"]), first=st.booleans(), es=st.booleans(),
+       dropout=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 1000))  # fmt: skip
+def test_interrupts(tmp_path_factory, backend, hook, at, optimizer, first, es, dropout, seed):
+    """KeyboardInterrupt from each hook: history, weights, optimizer state and checkpoint show one epoch."""
+    from fastmlp.callbacks import EarlyStopping
+
+    count()
+    d = tmp_path_factory.mktemp("intr")
+    rng = np.random.default_rng(seed)
+    X, y = rng.uniform(-1, 1, (24, 4)), rng.integers(0, 3, 24)
+    raiser = _Raiser(hook, 0 if hook.endswith("train_begin") or hook == "on_train_end" else at)
+    epochs = 4
+
+    def score_fn(y_true, proba, **kw):
+        raiser.maybe("score", score_fn.calls + 1)
+        score_fn.calls += 1
+        return float(np.mean(np.argmax(proba, 1) == y_true))
+
+    def setup(epochs_, with_raiser):
+        net = Network([4, 5, 3], backend=backend, seed=seed)
+        cbs = [EarlyStopping(patience=10)] if es else []
+        this = raiser if with_raiser else _Raiser("none", -1)  # the reference has the same callbacks, never raising
+        cbs.insert(0 if first else len(cbs), _RaisingCallback(this))
+        sched = _RaisingSchedule(this, 0.3)
+        kw = dict(epochs=epochs_, batch_size=5, lr=sched, optimizer=optimizer, dropout=dropout, seed=7, X_valid=X,
+                  y_valid=y, callbacks=cbs, verbose=False, warn=False)  # fmt: skip
+        return net, kw
+
+    score_fn.calls = 0
+    net, kw = setup(epochs, True)
+    ckpt = d / "ckpt.npz"
+    scorer = None
+    if hook == "score":
+        scorer = score_fn
+    with no_hang(60), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            hist = net.fit(X, y, checkpoint=ckpt, score=scorer, **kw)
+        except KeyboardInterrupt:
+            hist = None  # raised after the run (on_train_end): the network is still the last complete epoch
+        except Exception as exc:
+            raise bad("unclear errors", f"an interrupt from {hook} became {type(exc).__name__}: {exc}") from exc
+    done = net.epochs_
+    if hist is not None and len(hist.epoch) != done:
+        raise bad("data lost", f"{hook}: history has {len(hist.epoch)} epochs, the network says {done}")
+    if hist is not None and raiser.fired and hook != "on_train_end" and not hist.interrupted:
+        raise bad("data lost", f"{hook}: an interrupted fit's history is not marked interrupted")
+    if done:
+        score_fn.calls = 10**9  # the reference never raises
+        ref, rkw = setup(done, False)
+        rhist = ref.fit(X, y, score=score_fn if hook == "score" else None, **rkw)
+        checks = [("weights", ref.weights + ref.biases, net.weights + net.biases),
+                  ("optimizer state", ref.optimizer_state_.arrays(), net.optimizer_state_.arrays())]  # fmt: skip
+        for what, a, b in checks:
+            if len(a) != len(b) or not all(np.array_equal(p, q) for p, q in zip(a, b)):
+                raise bad("data lost", f"{hook} at epoch {at}: {what} differ from a whole run of {done} epochs")
+        if ref.optimizer_state_.t != net.optimizer_state_.t or ref.step_ != net.step_:
+            raise bad("data lost", f"{hook}: the step counters differ from a whole run of {done} epochs")
+        if hist is not None and list(hist.train_loss) != list(rhist.train_loss):
+            raise bad("data lost", f"{hook}: the loss history differs from a whole run of {done} epochs")
+    else:
+        fresh = Network([4, 5, 3], backend=backend, seed=seed)
+        if not all(np.array_equal(p, q) for p, q in zip(fresh.weights + fresh.biases, net.weights + net.biases)):
+            raise bad("data lost", f"{hook}: no epoch completed but the weights changed")
+    if done and not ckpt.exists():
+        raise bad("data lost", f"{hook}: {done} epochs completed but no checkpoint was written")
+    if done:  # the checkpoint describes the same completed epoch as a whole run's final checkpoint
+        ref_ckpt = d / "ref.npz"
+        score_fn.calls = 10**9
+        ref2, rkw2 = setup(done, False)
+        ref2.fit(X, y, checkpoint=ref_ckpt, score=score_fn if hook == "score" else None, **rkw2)
+        (m1, a1), (m2, a2) = _read_ckpt(ckpt), _read_ckpt(ref_ckpt)
+        for key in ("epochs_done", "step", "epochs_total", "rng", "optimizer", "callbacks", "mask_seed"):
+            if m1[key] != m2[key]:
+                raise bad("data lost", f"{hook} at epoch {at}: checkpoint {key} {m1[key]!r}, a whole run's {m2[key]!r}")
+        if m1["history"]["train_loss"] != m2["history"]["train_loss"]:
+            raise bad("data lost", f"{hook}: the checkpoint's history is not a whole run's")
+        if sorted(a1) != sorted(a2) or not all(np.array_equal(a1[k], a2[k]) for k in a1):
+            raise bad("data lost", f"{hook} at epoch {at}: the checkpoint's arrays are not a whole run's")
+
+
+def _read_ckpt(path: Path):
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k not in ("meta", "checksum")}
+        return json.loads(z["meta"].tobytes()), arrays
