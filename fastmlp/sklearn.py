@@ -65,6 +65,8 @@ __all__ = ["MLPClassifier", "MLPRegressor"]
 _STOCHASTIC_SOLVERS = ("sgd", "adam")
 #: scikit-learn's activation names -> fastmlp's
 _ACT = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+#: predictions on at most this many rows skip the thread cap (one thread runs them anyway)
+_FEW_ROWS = 8
 #: an n_iter_no_change of inf never stops
 _NEVER = 2**62
 
@@ -473,7 +475,8 @@ class _BaseMLP(BaseEstimator):
         return True
 
     def _predict_X(self, X: Any) -> np.ndarray:
-        check_is_fitted(self)
+        if "network_" not in self.__dict__:  # scikit-learn's check (a scan of every attribute) only when unfitted
+            check_is_fitted(self)
         net = self.network_
         # the fast road for the common case (a plain array of the network's dtype, fitted without feature names);
         # everything else goes through scikit-learn's checks
@@ -486,6 +489,10 @@ class _BaseMLP(BaseEstimator):
 
     def _forward(self, X: Any) -> np.ndarray:
         X = self._predict_X(X)
+        if X.shape[0] <= _FEW_ROWS and self.n_threads is None:
+            # a few rows run on one thread whatever the cap (fastmlp splits from 512 rows, a BLAS product this
+            # small stays on one thread): the cap's bookkeeping would cost more than the prediction
+            return self.network_.predict_proba(X)
         with _threads.thread_limit(self._threads()):
             return self.network_.predict_proba(X)
 
