@@ -160,9 +160,11 @@ def test_backend_agrees_with_reference(feature, backend, dtype):
 
 
 def test_float64_stays_tight():
-    """Every float64 tolerance is within 1e-12 (rounding of a few epochs, no drift); float32 within 1e-4."""
+    """Every float64 tolerance is within 1e-12 (rounding of a few epochs, no drift); float32 within 1e-4, but for
+    L1's documented sign-flip bound (2 lr l1 plus rounding, docs/reliability.md)."""
     assert max(t[0] for t in TOLERANCE.values()) <= 1e-12
-    assert max(t[1] for t in TOLERANCE.values()) <= 1e-4
+    assert max(t[1] for k, t in TOLERANCE.items() if k != "L1") <= 1e-4
+    assert TOLERANCE["L1"][1] <= 2 * 0.5 * 1e-3 + 2e-5
 
 
 def _threads_available(backend: str) -> bool:
