@@ -32,7 +32,7 @@ import numpy as np
 
 from fastmlp import _validation as V
 from fastmlp.backends import PreparedEpochs, get_backend
-from fastmlp.backends.contract import ACT_CODES, plan_epoch
+from fastmlp.backends.contract import plan_epoch
 
 __all__ = [
     "NeuralNetMLP",
@@ -220,8 +220,7 @@ def _mse_and_acc(
     be = _backend_for(weights, biases)
     # forward every row in place (no gather of X), then visit the outputs in the shuffled order
     probas_all = np.empty((Xc.shape[0], num_labels))
-    sig = ACT_CODES["sigmoid"]
-    be.raw.forward_network(Xc, weights, biases, sig, sig, probas_all)
+    be._forward_network_into(Xc, list(weights), list(biases), "sigmoid", "sigmoid", probas_all)
     probas = probas_all[idx]
     targets = yc[idx]
     sq = probas.copy()

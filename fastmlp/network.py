@@ -392,11 +392,10 @@ class Network:
     def _proba_checked(self, X: np.ndarray) -> np.ndarray:
         Ws, bs = self._inference_params()
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
-        h, o = ACT_CODES[self.activation], ACT_CODES[self.output]
-        raw = self._backend.raw
+        be = self._backend
         for start in range(0, X.shape[0], PREDICT_CHUNK):
             stop = min(start + PREDICT_CHUNK, X.shape[0])
-            raw.forward_network(X[start:stop], Ws, bs, h, o, out[start:stop])
+            be._forward_network_into(X[start:stop], Ws, bs, self.activation, self.output, out[start:stop])
         return out
 
     def predict(self, X: np.ndarray) -> np.ndarray:

@@ -257,8 +257,14 @@ class Backend:
         V.check_activation(output_act, "output_act", output=True)
         out = np.empty((X.shape[0], weights[-1].shape[0]), dtype=dt)
         if out.size:
-            self._raw.forward_network(X, weights, biases, ACT_CODES[hidden_act], ACT_CODES[output_act], out)
+            self._forward_network_into(X, weights, biases, hidden_act, output_act, out)
         return out
+
+    def _forward_network_into(self, X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray],
+                              hidden_act: str, output_act: str, out: np.ndarray) -> None:  # fmt: skip
+        """:meth:`forward_network` into ``out`` for callers that validated everything already (``Network``'s
+        inference, ``compat``): the one road from above ``backends/`` into the raw whole-network kernel."""
+        self._raw.forward_network(X, weights, biases, ACT_CODES[hidden_act], ACT_CODES[output_act], out)
 
     def prepare(self, X: np.ndarray, Y: np.ndarray, plan: EpochPlan, *,
                 sample_weight: np.ndarray | None = None) -> PreparedEpochs:  # fmt: skip
