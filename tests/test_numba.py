@@ -483,8 +483,17 @@ _TILE_JIT = {**config.jit_options(), "cache": False}
 
 
 @numba.njit(**_TILE_JIT)
-def _tile_nt(A, W, Z, r0, r1):
-    K._nt_rows(A, W, Z, r0, r1)
+def _tile_nt_4x4(A, W, Z, r0, r1):
+    K._nt_rows_4x4(A, W, Z, r0, r1)
+
+
+@numba.njit(**_TILE_JIT)
+def _tile_nt_4x3(A, W, Z, r0, r1):
+    K._nt_rows_4x3(A, W, Z, r0, r1)
+
+
+#: both forward tiles run on every CPU (the epoch takes the one that fits its registers: K._nt_rows)
+_TILE_NT = {"4x4": _tile_nt_4x4, "4x3": _tile_nt_4x3}
 
 
 @numba.njit(**_TILE_JIT)
@@ -515,13 +524,17 @@ def _product_bound(A, B, dtype):
 TILE_WIDTHS = (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100)
 
 
+@pytest.mark.parametrize("tile", list(_TILE_NT))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nt_tile_matches_numpy_on_remainders(dtype):
-    """Z = A W^T by 4 x 4 register tiles: every row count 1..13, output counts around the tile and vector
-    widths, reductions short and long; rows outside [r0, r1) untouched."""
+def test_nt_tile_matches_numpy_on_remainders(dtype, tile):
+    """Z = A W^T by 4 x 4 (AVX-512) and 4 x 3 (AVX2 and narrower) register tiles: every row count 1..13,
+    output counts around the tile and vector widths, reductions short and long; rows outside [r0, r1)
+    untouched."""
+    _tile_nt = _TILE_NT[tile]
+    assert K._nt_rows is (K._nt_rows_4x4 if K.VECTOR_BITS >= 512 else K._nt_rows_4x3)
     rng = np.random.default_rng(3)
     for k in (1, 7, 16, 33, 784, 2000):
-        for n_out in (1, 3, 4, 5, 8, 9, 16, 17, 50):
+        for n_out in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 50):
             W = rng.normal(size=(n_out, k)).astype(dtype)
             for n in range(1, 14):
                 A = rng.normal(size=(n, k)).astype(dtype)

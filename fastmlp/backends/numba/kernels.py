@@ -591,11 +591,12 @@ def _col_sums(D, out):
 # Cython backend's AVX-512 kernels): fixed tile shapes, the accumulators of a tile in registers for the
 # whole reduction, the innermost loop unit-stride.  No BLAS call in the epoch.
 #
-# * NT (``Z = A W^T``: the forward product): a tile of 4 rows of ``A`` by 4 rows of ``W``, 16 scalar
-#   accumulators over a unit-stride loop along ``k``; LLVM vectorizes the loop into 16 vector reductions
-#   (``reassoc``) and sums each vector once at the end.
+# * NT (``Z = A W^T``: the forward product): a tile of 4 rows of ``A`` by 4 rows of ``W`` (AVX-512) or 3
+#   (AVX2 and narrower: 16 accumulators spill from 16 registers), scalar accumulators over a unit-stride loop
+#   along ``k``; LLVM vectorizes the loop into 16 (12) vector reductions (``reassoc``) and sums each vector
+#   once at the end.
 # * TN (``C = P^T R`` with a packed panel ``P``: the weight gradient ``D^T A`` and the hidden delta
-#   ``D W``): a tile of 4 rows of ``C`` by _TN_VECS vectors along ``k``, accumulated in a fixed-size array on
+#   ``D W``): a tile of 4 rows of ``C`` by _TN_VECS vectors (at least 16 columns) along ``k``, accumulated in a fixed-size array on
 #   the stack (:func:`_tile_acc`) over the whole reduction; with a literal trip count LLVM vectorizes and
 #   unrolls the lane loop and keeps the array in registers.  The columns go in blocks of the tile width; the
 #   last block is shifted left to end at the last column (recomputing a few columns with the same bits), so
@@ -628,6 +629,15 @@ VECTOR_BITS = _vector_bits()
 #: vectors along ``k`` of a TN tile (4 rows x 4 vectors = 16 accumulators of 32 registers; 4 x 2 of 16)
 _TN_VECS = 4 if VECTOR_BITS >= 512 else 2
 _TN_ROWS = 4
+#: at least this many columns in a TN tile: LLVM fully unrolls a lane loop of 8 or 12 before its loop vectorizer
+#: runs, and its SLP vectorizer then leaves the unrolled lanes scalar (AVX2 float64's 2 x 4 lanes: 13x slower)
+_TN_MIN_COLS = 16
+
+
+def _tn_cols(bitwidth: int) -> int:
+    """Columns of a TN tile for elements of ``bitwidth`` bits: ``_TN_VECS`` SIMD vectors, at least 16."""
+    return max(_TN_MIN_COLS, _TN_VECS * (VECTOR_BITS // bitwidth))
+
 #: the forward product takes W in slabs of about this many bytes (kept in L2 across the row tiles)
 _NT_SLAB_BYTES = 256 * 1024
 
@@ -658,8 +668,8 @@ def _tn_width(a):  # pragma: no cover - typing stub, replaced by the overload be
 
 @overload(_tn_width, inline="always")
 def _ol_tn_width(a):
-    """Columns of a TN tile for ``a``'s dtype: _TN_VECS SIMD vectors."""
-    n = _TN_VECS * (VECTOR_BITS // a.dtype.bitwidth)
+    """Columns of a TN tile for ``a``'s dtype (:func:`_tn_cols`)."""
+    n = _tn_cols(a.dtype.bitwidth)
     return lambda a: n
 
 
@@ -669,7 +679,7 @@ def _tile_acc(typingctx, like):
     caller's stack (an ``alloca``: LLVM keeps it in registers when every index is known).  It lives as long
     as the calling function's frame: never return it."""
     dt = like.dtype
-    n = _TN_ROWS * _TN_VECS * (VECTOR_BITS // dt.bitwidth)
+    n = _TN_ROWS * _tn_cols(dt.bitwidth)
     aryty = types.Array(dt, 1, "C")
 
     def codegen(context, builder, signature, args):
@@ -686,11 +696,11 @@ def _tile_acc(typingctx, like):
 
 
 @register_jitable
-def _nt_rows(A, W, Z, r0, r1):
+def _nt_rows_4x4(A, W, Z, r0, r1):
     """``Z[r, j] = dot(A[r], W[j])`` for rows ``r0 <= r < r1`` and every row ``j`` of ``W``.
 
-    ``A (n, K)``, ``W (N, K)``, ``Z (n, N)``.  4 x 4 register tiles; ``W`` in
-    slabs that stay in L2 while every row tile passes over them.
+    ``A (n, K)``, ``W (N, K)``, ``Z (n, N)``.  4 x 4 register tiles (16 vector accumulators: AVX-512's 32
+    registers); ``W`` in slabs that stay in L2 while every row tile passes over them.
     """
     _wide_vectors()
     K = A.shape[1]
@@ -762,6 +772,76 @@ def _nt_rows(A, W, Z, r0, r1):
                 Z[i, j2] = c02
                 Z[i, j1] = c01
                 Z[i, j] = c00
+
+
+@register_jitable
+def _nt_rows_4x3(A, W, Z, r0, r1):
+    """:func:`_nt_rows_4x4` with 4 x 3 tiles: 12 vector accumulators and 3 rows of ``W`` fit AVX2's 16
+    registers (``A``'s elements are FMA memory operands); the 4 x 4 tile spills six accumulators there, and
+    runs at half the speed."""
+    _wide_vectors()
+    K = A.shape[1]
+    N = W.shape[0]
+    if r1 <= r0 or N == 0:
+        return
+    z = Z.dtype.type(0.0)
+    slab = _max(3, (_NT_SLAB_BYTES // _max(1, K * Z.itemsize)) // 3 * 3)
+    last = r1 - 1
+    for j0 in range(0, N, slab):
+        jn = _min(j0 + slab, N) - 1
+        for i in range(r0, r1, 4):
+            i1 = _min(i + 1, last)
+            i2 = _min(i + 2, last)
+            i3 = _min(i + 3, last)
+            a0 = A[i]
+            a1 = A[i1]
+            a2 = A[i2]
+            a3 = A[i3]
+            for j in range(j0, jn + 1, 3):
+                j1 = _min(j + 1, jn)
+                j2 = _min(j + 2, jn)
+                w0 = W[j]
+                w1 = W[j1]
+                w2 = W[j2]
+                c00 = c01 = c02 = c10 = c11 = c12 = z
+                c20 = c21 = c22 = c30 = c31 = c32 = z
+                for k in range(K):
+                    x0 = w0[k]
+                    x1 = w1[k]
+                    x2 = w2[k]
+                    y = a0[k]
+                    c00 += y * x0
+                    c01 += y * x1
+                    c02 += y * x2
+                    y = a1[k]
+                    c10 += y * x0
+                    c11 += y * x1
+                    c12 += y * x2
+                    y = a2[k]
+                    c20 += y * x0
+                    c21 += y * x1
+                    c22 += y * x2
+                    y = a3[k]
+                    c30 += y * x0
+                    c31 += y * x1
+                    c32 += y * x2
+                # repeated rows and outputs store the same values again
+                Z[i3, j2] = c32
+                Z[i3, j1] = c31
+                Z[i3, j] = c30
+                Z[i2, j2] = c22
+                Z[i2, j1] = c21
+                Z[i2, j] = c20
+                Z[i1, j2] = c12
+                Z[i1, j1] = c11
+                Z[i1, j] = c10
+                Z[i, j2] = c02
+                Z[i, j1] = c01
+                Z[i, j] = c00
+
+
+#: ``Z[r, j] = dot(A[r], W[j])`` for rows ``r0 <= r < r1``: the tile shape that fits this CPU's registers
+_nt_rows = _nt_rows_4x4 if VECTOR_BITS >= 512 else _nt_rows_4x3
 
 
 @register_jitable
