@@ -213,3 +213,41 @@ def test_children_train_after_the_parent_ran_threads(backend, method):
         assert forked and budget == 1
     else:
         assert not forked and budget == _threads.thread_budget()
+
+
+# ------------------------------------------------------------------ concurrent fits
+def _fit_for(backend: str, i: int) -> tuple[list[np.ndarray], list[float]]:
+    """Fit i: its own shapes, optimizer, dropout and thread cap, so that per-thread state that leaked from
+    one fit into another (workspaces, thread choice, caps, dropout streams) would change its bits."""
+    from fastmlp import _threads
+
+    rng = np.random.default_rng(20 + i)
+    sizes = [[30, 24, 5], [30, 17, 9, 5], [30, 40, 5]][i % 3]
+    X = rng.uniform(-1, 1, (600, 30))
+    y = rng.integers(0, 5, 600)
+    net = Network(sizes, dtype=["float32", "float64"][i % 2], backend=backend, seed=i)
+    opts = [dict(optimizer="sgd"), dict(optimizer="adam", dropout=0.2), dict(optimizer="momentum", l2=1e-3)][i % 3]
+    with _threads.thread_limit(1 + i % 2):
+        hist = net.fit(X, y, epochs=3, batch_size=[32, 50, 64][i % 3], lr=0.05, seed=3, verbose=False, warn=False,
+                       **opts)  # fmt: skip
+    return net.weights + net.biases, list(hist.train_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_fits_match_their_serial_runs(backend):
+    """Fits of different networks in different Python threads at once: each ends bit-identical to the same
+    fit run alone (per-thread state never leaks between concurrent fits)."""
+    n = 6
+    serial = [_fit_for(backend, i) for i in range(n)]
+    barrier = threading.Barrier(n)
+
+    def work(i):
+        barrier.wait()
+        return _fit_for(backend, i)
+
+    with ThreadPoolExecutor(n) as pool:
+        together = list(pool.map(work, range(n)))
+    for i, ((p_s, l_s), (p_t, l_t)) in enumerate(zip(serial, together)):
+        assert l_s == l_t, f"fit {i}: losses differ when fits run concurrently"
+        for a, b in zip(p_s, p_t):
+            np.testing.assert_array_equal(a, b, err_msg=f"fit {i}")

@@ -596,8 +596,8 @@ def _col_sums(D, out):
 #   along ``k``; LLVM vectorizes the loop into 16 (12) vector reductions (``reassoc``) and sums each vector
 #   once at the end.
 # * TN (``C = P^T R`` with a packed panel ``P``: the weight gradient ``D^T A`` and the hidden delta
-#   ``D W``): a tile of 4 rows of ``C`` by _TN_VECS vectors (at least 16 columns) along ``k``, accumulated in a fixed-size array on
-#   the stack (:func:`_tile_acc`) over the whole reduction; with a literal trip count LLVM vectorizes and
+#   ``D W``): a tile of 4 rows of ``C`` by _TN_VECS vectors (at least 16 columns) along ``k``, accumulated
+#   in a fixed-size array on the stack (:func:`_tile_acc`) over the whole reduction; with a literal trip count LLVM vectorizes and
 #   unrolls the lane loop and keeps the array in registers.  The columns go in blocks of the tile width; the
 #   last block is shifted left to end at the last column (recomputing a few columns with the same bits), so
 #   no lane reads past a row.
