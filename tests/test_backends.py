@@ -526,6 +526,34 @@ def test_train_epoch_readonly_and_strided_inputs(be, dtype):
         assert np.abs(w - wr).max() <= EPOCH_TOL[dtype]
 
 
+def _at_offset(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of ``a`` whose data starts ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("name", ["784-50-10", "adamw", "gradient-full-batch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_epoch_bits_do_not_depend_on_where_x_starts(be, dtype, name):
+    """The Cython build reads X's rows in place when they start on cache lines and gathers them otherwise;
+    Numba always gathers into aligned buffers: either way every weight ends with the same bits."""
+    cfg, weights, biases, X, Y, order, state, sw = _epoch_case(name, dtype)
+    results = []
+    for offset in (0, 8, 16, 32):
+        W, b, st = [w.copy() for w in weights], [v.copy() for v in biases], state.copy()
+        Xo = _at_offset(X, offset)
+        assert Xo.ctypes.data % 64 == offset
+        got = _run_epoch(be, cfg, dtype, W, b, Xo, Y, order, st, sw)
+        results.append((W + b + st.arrays(), got))
+    for params, got in results[1:]:
+        for a, a0 in zip(params, results[0][0]):
+            np.testing.assert_array_equal(a, a0)
+        assert got == results[0][1]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_train_epoch_consecutive_epochs_continue_step_numbering(be, dtype):
     """Two epochs with ``step0`` carried over equal the reference's two epochs (dropout masks included)."""

@@ -524,6 +524,41 @@ def _product_bound(A, B, dtype):
 TILE_WIDTHS = (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100)
 
 
+@pytest.mark.parametrize("keep", [None, (0.8, 1.0, 0.5)], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_epoch_buffers_and_every_matrix_in_them_start_on_cache_lines(dtype, keep):
+    """theta, the state slots and each work buffer start on 64-byte boundaries, and so does every layer's
+    matrix in them (the tiles' vector loads then never split a line); packing theta round-trips."""
+    sizes = [784, 50, 33, 10]
+    thresholds = [keep_threshold(k) if keep else 1 << 24 for k in (keep or (1, 1, 1))]
+    woff, n_params = NB._theta_layout(sizes, dtype)
+    rng = np.random.default_rng(5)
+    Ws = [rng.normal(size=(sizes[i + 1], sizes[i])).astype(dtype) for i in range(3)]
+    bs = [rng.normal(size=sizes[i + 1]).astype(dtype) for i in range(3)]
+    theta = NB._pack(Ws, bs, woff, n_params, dtype)
+    item = np.dtype(dtype).itemsize
+    assert theta.ctypes.data % 64 == 0 and all(int(o) * item % 64 == 0 for o in woff)
+    W2, b2 = [np.zeros_like(w) for w in Ws], [np.zeros_like(b) for b in bs]
+    NB._unpack(theta, woff, W2, b2)
+    for a, a2 in zip(Ws + bs, W2 + b2):
+        np.testing.assert_array_equal(a, a2)
+    pan, bufs, offs, T, wts, grad, parts, part_corr = NB._workspace(sizes, thresholds, 100, 2, woff, n_params, False,
+                                                                    np.dtype(dtype))  # fmt: skip
+    assert grad.ctypes.data % 64 == 0 and pan % 4 == 0
+    acts, ins, masks, deltas, panel = bufs
+    for buf in bufs:
+        assert buf.size == 0 or buf.ctypes.data % 64 == 0  # (no dropout: the mask buffers are empty)
+    aoff, moff, doff = offs[1], offs[2], offs[3]
+    assert len(aoff) == 4 and len(moff) == 3 and len(doff) == 3
+    for o in (*aoff, *doff):
+        assert int(o) * item % 64 == 0
+    for i in range(3):  # the matrices fit their buffers and do not overlap
+        assert aoff[i] + 100 * sizes[i] <= aoff[i + 1] and doff[i] + 100 * sizes[i + 1] <= deltas.size
+        if thresholds[i] < 1 << 24:
+            assert int(moff[i]) * item % 64 == 0 and moff[i] + 100 * sizes[i] <= masks.size
+    assert aoff[3] + 100 * sizes[3] <= acts.size and panel.size >= 2 * pan
+
+
 @pytest.mark.parametrize("tile", list(_TILE_NT))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nt_tile_matches_numpy_on_remainders(dtype, tile):
