@@ -867,3 +867,74 @@ def test_cython_describe():
 
     line = cy.describe()
     assert f"variant {cy.VARIANT}" in line and ("debug build" in line) == bool(cy._k.DEBUG_BUILD)
+
+
+# ------------------------------------------------------------------ minibatches in row chunks
+CHUNKED = ["784-50-10", "alpha-l1-l2", "momentum", "nesterov-alpha", "adam", "adamw", "gradient-full-batch",
+           "multi-output-regression", "binary-one-unit-ce", "multilabel-ce", "soft-labels-softmax-ce"]
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["numpy", *COMPILED])
+def test_minibatches_run_in_row_chunks_end_like_the_reference(monkeypatch, backend, dtype, name):
+    """With the work-buffer budget cut to 7 rows, every minibatch's gradient is summed over chunks of 7 rows
+    and applied once: weights, state, losses and counts equal the reference's unchunked epoch."""
+    from fastmlp.backends import _chunked
+
+    cfg, weights, biases, X, Y, order, state, sw = _epoch_case(name, dtype)
+    W_ref, b_ref, state_ref = [w.copy() for w in weights], [b.copy() for b in biases], state.copy()
+    ref = _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, Y, order, state_ref, sw)
+    plan = _plan(cfg, dtype, X.shape[0])
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 7 * _chunked.row_bytes(plan) + 3)
+    assert _chunked.chunk_rows(plan) == 7 and _chunked.needs_chunks(plan, len(order))
+    calls = []
+    real = _chunked.chunked_epoch
+    monkeypatch.setattr(_chunked, "chunked_epoch", lambda *a: calls.append(1) or real(*a))
+    got = _run_epoch(get_backend(backend), cfg, dtype, weights, biases, X, Y, order, state, sw)
+    assert calls, "the epoch did not run in chunks"
+    for a, ar in zip(weights + biases + state.arrays(), W_ref + b_ref + state_ref.arrays()):
+        assert np.abs(a - ar).max() <= EPOCH_TOL[dtype] * max(1.0, np.abs(ar).max())
+    assert state.t == state_ref.t
+    np.testing.assert_allclose(got.loss_sum, ref.loss_sum, rtol=LOSS_RTOL[dtype] * 10)
+    np.testing.assert_allclose(got.penalty_sum, ref.penalty_sum, rtol=LOSS_RTOL[dtype])
+    assert got.n_correct == ref.n_correct
+
+
+def test_dropout_plans_are_never_chunked(monkeypatch):
+    """Masks are indexed by a row's place in its minibatch, which a chunk does not know."""
+    from fastmlp.backends import _chunked
+
+    plan = _plan(EPOCHS["784-50-10-all"], "float32", 2000)
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 1)
+    assert _chunked.chunk_rows(plan) == 1 and not _chunked.needs_chunks(plan, 1037)
+    assert _chunked.needs_chunks(_plan(EPOCHS["784-50-10"], "float32", 2000), 1037)
+
+
+@pytest.mark.parametrize("backend", ["numpy", *COMPILED])
+def test_full_batch_epoch_memory_does_not_grow_with_the_rows(monkeypatch, backend):
+    """A full-batch epoch over 16,000 x 784 float32 rows (50 MB) allocates a few MiB of work buffers with a
+    4 MiB budget, not a gathered copy of X."""
+    import tracemalloc
+
+    from fastmlp.backends import _chunked
+    from fastmlp.backends.contract import plan_epoch
+
+    n = 16_000
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 1, size=(n, 784)).astype(np.float32)
+    y = rng.integers(0, 10, size=n)
+    weights, biases = _network(rng, [784, 50, 10], "float32")
+    plan = plan_epoch([784, 50, 10], "float32", batch_size=n, hidden="sigmoid", output="sigmoid", loss="mse")
+    epochs = get_backend(backend).prepare(X, y, plan)
+    order = np.arange(n)
+    epochs(order, (weights, biases), None, 0.1)  # compiled and warmed up, unchunked
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 4 * 2**20)
+    tracemalloc.start()
+    try:
+        epochs(order, (weights, biases), None, 0.1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert X.nbytes > 4 * peak

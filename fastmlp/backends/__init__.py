@@ -30,6 +30,7 @@ from types import ModuleType
 import numpy as np
 
 from fastmlp import _validation as V
+from fastmlp.backends import _chunked
 from fastmlp.backends.contract import (
     ACT_CODES,
     LOSS_CODES,
@@ -374,7 +375,11 @@ class PreparedEpochs:
         step0 = V.check_int(step0, "step0", minimum=0, maximum=_MAX_COUNTER - n_steps)
         if n_steps == 0:
             return EpochStats(0.0, 0.0, 0)
-        ls, ps, nc = self.backend.raw.train_epoch(X, Y, order, weights, biases, state, lrs_arr, plan, step0, sw)
+        if _chunked.needs_chunks(plan, order.shape[0]):  # bounded memory for full-batch epochs of many rows
+            ls, ps, nc = _chunked.chunked_epoch(self.backend.raw, X, Y, order, weights, biases, state, lrs_arr, plan,
+                                                step0, sw)  # fmt: skip
+        else:
+            ls, ps, nc = self.backend.raw.train_epoch(X, Y, order, weights, biases, state, lrs_arr, plan, step0, sw)
         return EpochStats(float(ls), float(ps), int(nc))
 
 
