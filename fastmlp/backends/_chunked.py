@@ -13,9 +13,11 @@ defines it.  The ``alpha`` penalty is added once (``alpha / s * W``), from
 the weights before the step.  Memory then depends on the chunk, not on the
 minibatch.
 
-Dropout masks are indexed by a row's place in its minibatch, which a chunk
-does not know: a plan with dropout is never chunked (documented in
-``docs/reliability.md``).
+Dropout masks are indexed by a row's place in its minibatch, which the
+compiled kernels number from the chunk's first row: the chunks of a plan
+with dropout run through the NumPy reference instead, with their rows
+numbered from the chunk's place (``row0``), so the masks are the contract's
+(documented in ``docs/reliability.md``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def chunk_rows(plan: EpochPlan) -> int:
 
 def needs_chunks(plan: EpochPlan, n_used: int) -> bool:
     """Whether an epoch of ``plan`` over ``n_used`` rows runs its minibatches in chunks."""
-    return not plan.has_dropout and min(plan.batch_size, n_used) > chunk_rows(plan)
+    return min(plan.batch_size, n_used) > chunk_rows(plan)
 
 
 def chunked_epoch(raw, X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights: list[np.ndarray],
@@ -74,7 +76,12 @@ def chunked_epoch(raw, X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights:
             s_c = float(n_c) if sw is None else float(np.sum(sw[cidx]))
             # a chunk without weight adds nothing but its correct rows (run unweighted: s_c = 0 would divide)
             csw = sw if s_c > 0.0 else None
-            ls, _, nc = raw.train_epoch(X, Y, cidx, weights, biases, grads, np.zeros(1), gplan, step0 + step, csw)
+            if plan.has_dropout:  # masks numbered from the chunk's place in its minibatch
+                ls, _, nc = _ref.train_epoch(X, Y, cidx, weights, biases, grads, np.zeros(1), gplan, step0 + step, csw,
+                                             row0=c0)  # fmt: skip
+            else:
+                ls, _, nc = raw.train_epoch(X, Y, cidx, weights, biases, grads, np.zeros(1), gplan, step0 + step,
+                                            csw)  # fmt: skip
             correct += int(nc)
             step_loss += float(ls) if sw is None else float(ls) * s_c / n_c
             f = s_c / s

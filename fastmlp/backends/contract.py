@@ -193,10 +193,12 @@ def mask_bits(seed: int, step: int, layer: int, n_rows: int, n_units: int, keep:
     return mask_bits_thr(seed, step, layer, n_rows, n_units, keep_threshold(keep))
 
 
-def mask_bits_thr(seed: int, step: int, layer: int, n_rows: int, n_units: int, threshold: int) -> np.ndarray:
-    """:func:`mask_bits` from the integer threshold of :func:`keep_threshold`."""
+def mask_bits_thr(seed: int, step: int, layer: int, n_rows: int, n_units: int, threshold: int,
+                  row0: int = 0) -> np.ndarray:  # fmt: skip
+    """:func:`mask_bits` from the integer threshold of :func:`keep_threshold`; the rows are those from ``row0``
+    of the minibatch (``r = row0 .. row0 + n_rows - 1`` in the counter)."""
     key = np.uint64(mask_key(seed, step, layer))
-    counter = np.arange(1, n_rows * n_units + 1, dtype=np.uint64)
+    counter = np.arange(row0 * n_units + 1, (row0 + n_rows) * n_units + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         h = mix64(key + np.uint64(GOLDEN) * counter)
     return ((h >> np.uint64(40)) < np.uint64(threshold)).reshape(n_rows, n_units)

@@ -263,10 +263,11 @@ def optimizer_update(g: np.ndarray, slots: list[np.ndarray], plan: EpochPlan, lr
     return -dt(lr * np.sqrt(c2) / c1) * m / (np.sqrt(v) + dt(plan.eps))
 
 
-def dropout_mask(seed: int, step: int, layer: int, keep_threshold: int, scale: float, out: np.ndarray) -> None:
+def dropout_mask(seed: int, step: int, layer: int, keep_threshold: int, scale: float, out: np.ndarray,
+                 row0: int = 0) -> None:  # fmt: skip
     """Fill ``out (n_rows, n_units)`` with ``scale`` where the counter-based hash keeps a unit, else 0."""
     n_rows, n_units = out.shape
-    bits = mask_bits_thr(seed, step, layer, n_rows, n_units, min(int(keep_threshold), 1 << KEEP_BITS))
+    bits = mask_bits_thr(seed, step, layer, n_rows, n_units, min(int(keep_threshold), 1 << KEEP_BITS), row0)
     out[...] = 0
     out[bits] = out.dtype.type(scale)
 
@@ -294,8 +295,12 @@ def train_epoch(
     plan: EpochPlan,
     step0: int,
     sample_weight: np.ndarray | None,
+    row0: int = 0,
 ) -> tuple[float, float, int]:
-    """One epoch composed from the kernels above (see the contract); returns ``(loss_sum, penalty_sum, n_correct)``."""
+    """One epoch composed from the kernels above (see the contract); returns ``(loss_sum, penalty_sum, n_correct)``.
+
+    ``row0`` numbers the rows of each minibatch from ``row0`` in the dropout masks (a chunk of a larger
+    minibatch, see :mod:`fastmlp.backends._chunked`); 0 otherwise."""
     L = len(weights)
     n = order.shape[0]
     dt = X.dtype
@@ -318,7 +323,7 @@ def train_epoch(
         for i, (W, b) in enumerate(zip(weights, biases, strict=True)):
             if plan.thresholds[i] < NO_DROP:
                 m = np.empty((nb, A.shape[1]), dtype=dt)
-                dropout_mask(plan.seed, step0 + step, i, plan.thresholds[i], plan.scales[i], m)
+                dropout_mask(plan.seed, step0 + step, i, plan.thresholds[i], plan.scales[i], m, row0)
                 A_in = A * m
             else:
                 m = None
