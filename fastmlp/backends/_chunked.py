@@ -96,25 +96,9 @@ def chunked_epoch(raw, X: np.ndarray, Y: np.ndarray, order: np.ndarray, weights:
             pen_sum += nb * (0.5 * plan.alpha * sq / s)
             for i in range(L):
                 gW[i] += (plan.alpha / s) * weights[i]
-        _apply(weights, biases, state, [g.astype(dt) for g in gW], [g.astype(dt) for g in gb], plan,
-               float(lrs[step]), state.t + step + 1)  # fmt: skip
+        _ref.apply_step(weights, biases, state, [g.astype(dt) for g in gW], [g.astype(dt) for g in gb], plan,
+                        float(lrs[step]), state.t + step + 1)  # fmt: skip
     if plan.optimizer != "gradient":
         state.t += plan.n_steps(n)
     return loss_sum, pen_sum, correct
 
-
-def _apply(weights: list[np.ndarray], biases: list[np.ndarray], state: OptimizerState, gW: list[np.ndarray],
-           gb: list[np.ndarray], plan: EpochPlan, lr: float, t: int) -> None:  # fmt: skip
-    """The update of one step from its gradient, as :func:`fastmlp.backends.reference.train_epoch` makes it."""
-    for i, (W, b) in enumerate(zip(weights, biases, strict=True)):
-        if plan.optimizer == "gradient":
-            state.weights[0][i][...] = gW[i]
-            state.biases[0][i][...] = gb[i]
-        elif plan.optimizer == "sgd":
-            _ref._sgd_step(W, b, gW[i], gb[i], lr, plan.l2, plan.l1)
-        else:
-            uW = _ref.optimizer_update(gW[i], [sl[i] for sl in state.weights], plan, lr, t)
-            ub = _ref.optimizer_update(gb[i], [sl[i] for sl in state.biases], plan, lr, t)
-            _ref._decay_l1(W, lr, plan.l2, plan.l1)
-            W += uW
-            b += ub

@@ -263,6 +263,25 @@ def optimizer_update(g: np.ndarray, slots: list[np.ndarray], plan: EpochPlan, lr
     return -dt(lr * np.sqrt(c2) / c1) * m / (np.sqrt(v) + dt(plan.eps))
 
 
+def apply_step(weights: list[np.ndarray], biases: list[np.ndarray], state: OptimizerState, gW: list[np.ndarray],
+               gb: list[np.ndarray], plan: EpochPlan, lr: float, t: int) -> None:  # fmt: skip
+    """One step's update of every layer from its gradient ``(gW[l], gb[l])`` (contract table; for
+    ``gradient`` the gradient is written to state slot 0), ``t`` the optimizer's step count."""
+    opt = plan.optimizer_code
+    for i, (W, b) in enumerate(zip(weights, biases, strict=True)):
+        if opt == _GRAD:
+            state.weights[0][i][...] = gW[i]
+            state.biases[0][i][...] = gb[i]
+        elif opt == _SGD:
+            _sgd_step(W, b, gW[i], gb[i], lr, plan.l2, plan.l1)
+        else:
+            uW = optimizer_update(gW[i], [sl[i] for sl in state.weights], plan, lr, t)
+            ub = optimizer_update(gb[i], [sl[i] for sl in state.biases], plan, lr, t)
+            _decay_l1(W, lr, plan.l2, plan.l1)
+            W += uW
+            b += ub
+
+
 def dropout_mask(seed: int, step: int, layer: int, keep_threshold: int, scale: float, out: np.ndarray,
                  row0: int = 0) -> None:  # fmt: skip
     """Fill ``out (n_rows, n_units)`` with ``scale`` where the counter-based hash keeps a unit, else 0."""
@@ -350,24 +369,14 @@ def train_epoch(
             D_prev = np.empty_like(raw[i])
             hidden_delta(deltas[0], weights[i], raw[i], h_act, masks[i], D_prev)
             deltas.insert(0, D_prev)
+        gWs, gbs = [], []
         for i in range(L):
-            W, b = weights[i], biases[i]
             gW = np.dot(deltas[i].T, inputs[i])
             if plan.alpha:
-                gW += dt.type(plan.alpha / s) * W
-            gb = np.sum(deltas[i], axis=0)
-            if opt == _GRAD:
-                state.weights[0][i][...] = gW
-                state.biases[0][i][...] = gb
-                continue
-            if opt == _SGD:
-                _sgd_step(W, b, gW, gb, lr, plan.l2, plan.l1)
-                continue
-            uW = optimizer_update(gW, [sl[i] for sl in state.weights], plan, lr, t)
-            ub = optimizer_update(gb, [sl[i] for sl in state.biases], plan, lr, t)
-            _decay_l1(W, lr, plan.l2, plan.l1)
-            W += uW
-            b += ub
+                gW += dt.type(plan.alpha / s) * weights[i]
+            gWs.append(gW)
+            gbs.append(np.sum(deltas[i], axis=0))
+        apply_step(weights, biases, state, gWs, gbs, plan, lr, t)
     if opt != _GRAD:
         state.t += plan.n_steps(n)
     return loss_sum, pen_sum, correct

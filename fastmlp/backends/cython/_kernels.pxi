@@ -33,6 +33,8 @@ from libc.string cimport memcpy, memset
 
 import numpy as np
 
+from fastmlp.backends._aligned import empty_aligned
+
 cnp.import_array()
 
 cdef extern from *:
@@ -254,18 +256,9 @@ cdef inline void _transpose(Py_ssize_t rows, Py_ssize_t cols, floating* S, Py_ss
 
 
 def _empty64(shape, dt):
-    """An uninitialised C-ordered array of ``shape`` whose data starts on a 64-byte boundary (NumPy's allocator
-    gives 16: every padded row of a work buffer then splits its vector loads across two cache lines; one Zen 5
-    core, forward tile 256x784x256 float32: 118-123 GFLOP/s split, 172-175 aligned)."""
-    dt = np.dtype(dt)
-    if not isinstance(shape, tuple):
-        shape = (shape,)
-    cdef Py_ssize_t n = 1, d
-    for d in shape:
-        n *= d
-    raw = np.empty(n * dt.itemsize + 64, np.uint8)
-    start = (64 - raw.ctypes.data % 64) % 64  # Python integers: C's % of a negative is negative
-    return raw[start:start + n * dt.itemsize].view(dt).reshape(shape)
+    """An uninitialised C-ordered array of ``shape`` on a 64-byte boundary (:mod:`fastmlp.backends._aligned`:
+    NumPy's 16-byte alignment splits every vector load of a padded row across two cache lines)."""
+    return empty_aligned(shape, dt)
 
 
 def _ld(Py_ssize_t n, Py_ssize_t itemsize):

@@ -41,6 +41,7 @@ if getattr(numba.config, "DISABLE_JIT", False):
                       "unset NUMBA_DISABLE_JIT, or use backend='cython' or 'numpy'")  # fmt: skip
 
 from fastmlp import _threads, config
+from fastmlp.backends._aligned import ALIGN, empty_aligned
 from fastmlp.backends.contract import NO_DROP, EpochPlan, OptimizerState
 
 NAME = "numba"
@@ -99,19 +100,9 @@ def _flat(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> tuple[
     return np.concatenate(parts), sizes
 
 
-#: buffers of the compiled epoch start on 64-byte boundaries (one cache line, one AVX-512 vector), and so does
-#: every matrix in them: a row of 784 float32 is then 49 whole lines, and the tiles' vector loads never split
-#: a line (one Zen 5 core, forward tile 256x784x256 float32: 118-123 GFLOP/s from malloc's 16-byte alignment,
-#: 172-175 aligned)
-_ALIGN = 64
-
-
-def _empty_aligned(n: int, dtype: np.dtype, *, zero: bool = False) -> np.ndarray:
-    """A 1-D array of ``n`` elements of ``dtype`` whose data starts on a ``_ALIGN``-byte boundary."""
-    dt = np.dtype(dtype)
-    raw = (np.zeros if zero else np.empty)(n * dt.itemsize + _ALIGN, np.uint8)
-    start = (-raw.ctypes.data) % _ALIGN
-    return raw[start : start + n * dt.itemsize].view(dt)
+#: buffers of the compiled epoch start on cache lines, and so does every matrix in them: a row of 784 float32 is
+#: then 49 whole lines, and the tiles' vector loads never split a line (see fastmlp.backends._aligned)
+_ALIGN = ALIGN
 
 
 def _pad(n: int, dtype: np.dtype) -> int:
@@ -140,7 +131,7 @@ def _pack(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], woff: np.
           dtype: np.dtype) -> np.ndarray:  # fmt: skip
     """``W_0, b_0, W_1, b_1, ...`` in one aligned vector of ``n`` elements, ``W_l`` from ``woff[l]`` (the
     padding between layers is zero and read by nothing)."""
-    theta = _empty_aligned(n, dtype, zero=True)
+    theta = empty_aligned(n, dtype, zero=True)
     for W, b, off in zip(weights, biases, woff, strict=True):
         theta[off : off + W.size] = W.ravel()
         theta[off + W.size : off + W.size + b.size] = b
@@ -158,7 +149,7 @@ def _flat_state(state: OptimizerState, woff: np.ndarray, n_params: int, dtype: n
     n_slots = len(state.weights)
     if n_slots == 0:
         return np.zeros((1, 0), dtype)  # read by no optimizer without slots
-    S = _empty_aligned(n_slots * n_params, dtype, zero=True).reshape(n_slots, n_params)
+    S = empty_aligned(n_slots * n_params, dtype, zero=True).reshape(n_slots, n_params)
     for s in range(n_slots):
         S[s] = _pack(state.weights[s], state.biases[s], woff, n_params, dtype)
     return S
@@ -369,10 +360,10 @@ def _workspace(sizes: Sequence[int], thresholds: Sequence[int], rows: int, n_chu
 
     pan = _pad(max(4, tiles(rows) * max(sizes[2:], default=0), max(tiles(s) for s in sizes[1:]) * rows), dtype)
     pan = -(-pan // 4) * 4  # whole rows of 4 (the padding already is, for 4- and 8-byte elements)
-    bufs = (_empty_aligned(n_acts, dtype), _empty_aligned(n_drop, dtype), _empty_aligned(n_drop, dtype),
-            _empty_aligned(n_deltas, dtype), _empty_aligned(n_chunks * pan, dtype))  # fmt: skip
+    bufs = (empty_aligned(n_acts, dtype), empty_aligned(n_drop, dtype), empty_aligned(n_drop, dtype),
+            empty_aligned(n_deltas, dtype), empty_aligned(n_chunks * pan, dtype))  # fmt: skip
     return (pan, bufs, (woff, aoff[:L + 1], moff, doff[:L]), np.empty((rows, sizes[-1]), dtype),
-            np.empty(rows if weighted else 0), _empty_aligned(n_params, dtype), np.empty((2, n_chunks)),
+            np.empty(rows if weighted else 0), empty_aligned(n_params, dtype), np.empty((2, n_chunks)),
             np.empty(n_chunks, np.int64))  # fmt: skip
 
 
