@@ -77,6 +77,28 @@ def init_params(layers: Sequence[int], init: str, activation: str, rng: np.rando
     return weights, biases
 
 
+def _array_meta(a: np.ndarray) -> tuple[int, ...]:
+    """``(ndim, type number, *shape, *strides)``: what :meth:`Network._params_unchanged` compares."""
+    return (a.ndim, a.dtype.num, *a.shape, *a.strides)
+
+
+_SAME: list = []
+
+
+def _same_arrays():
+    """The Cython build's ``same_arrays`` (the comparison in C), or None without the build."""
+    if not _SAME:
+        fn = None
+        try:
+            from fastmlp.backends import cython as _cy
+
+            fn = getattr(_cy._k, "same_arrays", None)
+        except Exception:  # not built, or failed to load: the Python loop
+            fn = None
+        _SAME.append(fn)
+    return _SAME[0]
+
+
 class Network:
     """A fully connected feed-forward network trained by minibatch gradient descent.
 
@@ -314,19 +336,30 @@ class Network:
     # ------------------------------------------------------------------ inference
     def _params_unchanged(self) -> bool:
         """Whether the parameter arrays are the very objects :meth:`check_parameters` last passed for
-        inference, with the same shapes, dtype and layout (references are held, so no id is reused)."""
+        inference, with the same shapes, strides and dtype (references are held, so no id is reused)."""
         ck = self.__dict__.get("_checked")
         Ws, bs = self.weights, self.biases
         if ck is None or type(Ws) is not list or type(bs) is not list:
             return False
         params, meta, dtype, layers = ck
-        if len(Ws) + len(bs) != len(params) or dtype != self.dtype or layers != tuple(self.layers):
+        if dtype != self.dtype or layers != self.layers:
+            return False
+        same = _same_arrays()
+        if same is not None:
+            return bool(same(Ws + bs, params, meta))
+        if len(Ws) + len(bs) != len(params):
             return False
         for a, b, m in zip((*Ws, *bs), params, meta, strict=True):
             # shape and strides fix the layout (an object's buffer moves only with its shape)
-            if a is not b or (a.shape, a.strides, a.dtype) != m:
+            if a is not b or _array_meta(a) != m:
                 return False
         return True
+
+    def _raise_not_finite(self) -> None:
+        """Raise for the first layer whose weights or biases hold a NaN or an infinity (none: return)."""
+        for i, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if not (V.all_finite(W) and V.all_finite(b)):
+                raise ValueError(f"weights[{i}]/biases[{i}] contain NaN or infinite values")
 
     def _inference_params(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         # The structural checks (shapes against layers, dtype, layout, no shared memory) are repeated only
@@ -335,14 +368,12 @@ class Network:
         if self._params_unchanged():
             fast = V._compiled_all_finite()
             if fast is None or not fast([*self.weights, *self.biases]):
-                for i, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-                    if not (V.all_finite(W) and V.all_finite(b)):
-                        raise ValueError(f"weights[{i}]/biases[{i}] contain NaN or infinite values")
+                self._raise_not_finite()
         else:
             self.check_parameters(train=False)
             params = (*self.weights, *self.biases)
-            self.__dict__["_checked"] = (params, [(a.shape, a.strides, a.dtype) for a in params], self.dtype,
-                                         tuple(self.layers))  # fmt: skip
+            self.__dict__["_checked"] = (params, tuple(_array_meta(a) for a in params), self.dtype,
+                                         list(self.layers))  # fmt: skip
         if self.predict_keep is None:
             return self.weights, self.biases
         # classic (non-inverted) dropout: scale each layer's weights by its input keep probability
@@ -390,9 +421,21 @@ class Network:
         return self._proba_checked(X)
 
     def _proba_checked(self, X: np.ndarray) -> np.ndarray:
-        Ws, bs = self._inference_params()
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
         be = self._backend
+        if self.predict_keep is None and self._params_unchanged():
+            # the parameters' structure is as last checked: the finiteness test rides on the first chunk's pass
+            Ws, bs = self.weights, self.biases
+            n = X.shape[0]
+            first = X if n <= PREDICT_CHUNK else X[:PREDICT_CHUNK]
+            if not be._forward_network_checked(first, Ws, bs, self.activation, self.output,
+                                               out if n <= PREDICT_CHUNK else out[:PREDICT_CHUNK]):  # fmt: skip
+                self._raise_not_finite()
+            for start in range(PREDICT_CHUNK, n, PREDICT_CHUNK):
+                stop = min(start + PREDICT_CHUNK, n)
+                be._forward_network_into(X[start:stop], Ws, bs, self.activation, self.output, out[start:stop])
+            return out
+        Ws, bs = self._inference_params()
         for start in range(0, X.shape[0], PREDICT_CHUNK):
             stop = min(start + PREDICT_CHUNK, X.shape[0])
             be._forward_network_into(X[start:stop], Ws, bs, self.activation, self.output, out[start:stop])

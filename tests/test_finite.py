@@ -80,6 +80,33 @@ def test_predict_sees_every_in_place_change_and_every_replaced_array(backend, dt
         net.predict_proba(X)
 
 
+@pytest.mark.parametrize("backend", fastmlp.available_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layers", [[1100, 130, 3], [37, 300, 19, 3], [5, 1, 2]])
+def test_predict_finds_a_bad_value_anywhere_in_any_layer(backend, dtype, layers, rng):
+    """The Cython SIMD builds test the weights inside the first rows' products (tiles of rows and outputs,
+    slabs of W, a masked tail along the inputs): a NaN or an infinity at every kind of place, in every layer,
+    for batches shorter than a row tile, of a tile and a remainder, and of more than one chunk."""
+    net = Network(layers, activation="relu", output="softmax", loss="ce", dtype=dtype, backend=backend, seed=2)
+    batches = {n: rng.uniform(size=(n, layers[0])).astype(dtype) for n in (1, 3, 4, 5, 300)}
+    want = {n: net.predict_proba(X) for n, X in batches.items()}
+    for arr in (*net.weights, *net.biases):
+        flat = arr.reshape(-1)
+        places = {0, flat.size - 1, flat.size // 2, *rng.integers(0, flat.size, 6).tolist()}
+        if arr.ndim == 2:  # the last input of a row (the masked tail), the first of the last row
+            places |= {arr.shape[1] - 1, (arr.shape[0] - 1) * arr.shape[1]}
+        for pos in sorted(places):
+            old = flat[pos]
+            for bad in (np.nan, np.inf, -np.inf):
+                flat[pos] = bad
+                for n, X in batches.items():
+                    with pytest.raises(ValueError, match="NaN or infinite"):
+                        net.predict_proba(X)
+            flat[pos] = old
+    for n, X in batches.items():
+        np.testing.assert_array_equal(net.predict_proba(X), want[n])
+
+
 def test_a_pickled_network_checks_its_own_arrays(rng):
     net = Network([6, 5, 3], seed=1)
     X = rng.uniform(size=(2, 6))

@@ -75,7 +75,7 @@ _auto: AutoBackend | None = None
 _auto_lock = threading.Lock()
 #: the raw kernels whose first call per dtype 'auto' watches
 _WATCHED = frozenset({"forward", "output_delta", "hidden_delta", "inplace_update", "dropout_mask", "forward_network",
-                      "train_epoch"})  # fmt: skip
+                      "forward_network_checked", "train_epoch"})  # fmt: skip
 #: errors about the arguments rather than the backend: 'auto' does not fall back on them
 _CALLER_ERRORS = (ValueError, TypeError, ArithmeticError, MemoryError)
 
@@ -266,6 +266,22 @@ class Backend:
         """:meth:`forward_network` into ``out`` for callers that validated everything already (``Network``'s
         inference, ``compat``): the one road from above ``backends/`` into the raw whole-network kernel."""
         self._raw.forward_network(X, weights, biases, ACT_CODES[hidden_act], ACT_CODES[output_act], out)
+
+    def _forward_network_checked(self, X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray],
+                                 hidden_act: str, output_act: str, out: np.ndarray) -> bool:  # fmt: skip
+        """:meth:`_forward_network_into` plus the test of every weight and bias for NaN and infinity (a value
+        can change in place between calls): False, with ``out`` meaningless, when one holds such a value.
+
+        A backend whose raw module has ``forward_network_checked`` tests in the same pass (the Cython SIMD
+        builds fold the test into the first rows' products); the others scan first.
+        """
+        fused = getattr(self._raw, "forward_network_checked", None)
+        if fused is not None:
+            return bool(fused(X, weights, biases, ACT_CODES[hidden_act], ACT_CODES[output_act], out))
+        if not all(V.all_finite(a) for a in (*weights, *biases)):
+            return False
+        self._forward_network_into(X, weights, biases, hidden_act, output_act, out)
+        return True
 
     def prepare(self, X: np.ndarray, Y: np.ndarray, plan: EpochPlan, *,
                 sample_weight: np.ndarray | None = None) -> PreparedEpochs:  # fmt: skip

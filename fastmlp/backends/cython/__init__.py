@@ -68,6 +68,7 @@ __all__ = [
     "fit_context",
     "forward",
     "forward_network",
+    "forward_network_checked",
     "hidden_delta",
     "inplace_update",
     "output_delta",
@@ -206,11 +207,21 @@ def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.nd
     The avx512 build, which calls no BLAS, always splits such inputs.  Each row's result does not
     depend on the split.
     """
+    forward_network_checked(X, weights, biases, hidden_act, output_act, out, check=False)
+
+
+def forward_network_checked(X: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray], hidden_act: int,
+                            output_act: int, out: np.ndarray, check: bool = True) -> bool:  # fmt: skip
+    """:func:`forward_network` that also tests every weight and bias for NaN and infinity: False when one holds
+    such a value (``out`` is then meaningless).  The SIMD builds test the weights in the first chunk's products
+    (no pass of its own), the BLAS builds scan them first."""
     n_threads = 1
-    if OPENMP and (_threads.pinned() or SIMD_GEMM) and X.shape[0] >= _PARALLEL_FORWARD_ROWS:
+    if OPENMP and X.shape[0] >= _PARALLEL_FORWARD_ROWS and (_threads.pinned() or SIMD_GEMM):
         n_threads = min(_threads.thread_budget(), 2)
-    _threads.note_threads_used(n_threads)
-    _k.forward_network(X, list(weights), list(biases), hidden_act, output_act, out, n_threads)
+        _threads.note_threads_used(n_threads)
+    return _k.forward_network(X, weights if type(weights) is list else list(weights),
+                              biases if type(biases) is list else list(biases), hidden_act, output_act, out,
+                              n_threads, check)  # fmt: skip
 
 
 def fit_context(sizes: list[int], batch_size: int) -> AbstractContextManager[bool]:

@@ -29,6 +29,7 @@ from cython cimport floating
 from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport copysign, copysignf, exp, expf, fabs, fabsf, log, pow, sqrt, sqrtf
 from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -55,9 +56,9 @@ cdef extern from "_simd_gemm.h" nogil:
     int FM_PEAK_LANES_F32
     int FM_PEAK_LANES_F64
     void fm_nt_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
-                   float* C, int64_t ldc)
+                   float* C, int64_t ldc, int* bad)
     void fm_nt_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* W, int64_t ldw,
-                   double* C, int64_t ldc)
+                   double* C, int64_t ldc, int* bad)
     void fm_gemm_f32(int64_t P, int64_t K, int64_t Q, float** lrow, int64_t ls, float** rrow, int64_t roff,
                      float* C, int64_t ldc, float alpha, float beta)
     void fm_gemm_f64(int64_t P, int64_t K, int64_t Q, double** lrow, int64_t ls, double** rrow, int64_t roff,
@@ -210,14 +211,15 @@ cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, fl
 
 # --------------------------------------------------------------- matrix products
 cdef inline void _prod_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating* A, Py_ssize_t lda, floating* W,
-                          Py_ssize_t ldw, floating* C, Py_ssize_t ldc) noexcept nogil:
+                          Py_ssize_t ldw, floating* C, Py_ssize_t ldc, int* bad=NULL) noexcept nogil:
     """``C (m, n) = A (m, k) @ W (n, k).T`` on ``W`` as stored (inference; BLAS builds: every forward pass);
-    ``m, n, k >= 1``."""
+    ``m, n, k >= 1``.  SIMD builds: with ``bad`` given, ``*bad = 1`` too when ``W`` (``ldw == k``) holds a NaN
+    or an infinity, tested in the same pass (BLAS builds: ignored, the caller scans)."""
     if FM_SIMD_GEMM:
         if floating is float:
-            fm_nt_f32(m, n, k, A, lda, W, ldw, C, ldc)
+            fm_nt_f32(m, n, k, A, lda, W, ldw, C, ldc, bad)
         else:
-            fm_nt_f64(m, n, k, A, lda, W, ldw, C, ldc)
+            fm_nt_f64(m, n, k, A, lda, W, ldw, C, ldc, bad)
     else:
         # C.T (n, m) = Wc.T @ A.T in BLAS's column-major view
         _gemm(TRANS, NOTRANS, <int>n, <int>m, <int>k, <floating>1, W, <int>ldw, A, <int>lda, <floating>0, C, <int>ldc)
@@ -368,13 +370,14 @@ cdef inline void _bias_act_row(floating* z, floating* b, Py_ssize_t n, int act) 
 
 
 cdef void _forward_rows(floating* A, floating* W, floating* b, floating* Z, Py_ssize_t n, Py_ssize_t n_in,
-                        Py_ssize_t n_out, int act) noexcept nogil:
-    """``Z (n, n_out) = act(A (n, n_in) W.T + b)``: one product, then bias and activation row by row."""
+                        Py_ssize_t n_out, int act, int* bad=NULL) noexcept nogil:
+    """``Z (n, n_out) = act(A (n, n_in) W.T + b)``: one product, then bias and activation row by row (``bad``:
+    see :func:`_prod_nt`)."""
     cdef Py_ssize_t r
     if n <= 0 or n_out <= 0:
         return
     if n_in > 0:
-        _prod_nt(n, n_out, n_in, A, n_in, W, n_in, Z, n_out)
+        _prod_nt(n, n_out, n_in, A, n_in, W, n_in, Z, n_out, bad)
     else:
         memset(Z, 0, n * n_out * sizeof(floating))
     for r in range(n):
@@ -1393,6 +1396,8 @@ ctypedef struct ForwardCtx:
     Py_ssize_t chunk
     int hidden_act
     int output_act
+    int check              # SIMD builds: test W for NaN / infinity in the first chunk's products
+    int bad                # set to 1 by that test
 
 
 cdef void _forward_worker(ForwardCtx* c, floating* tag, int tid, int nth) noexcept nogil:
@@ -1404,11 +1409,14 @@ cdef void _forward_worker(ForwardCtx* c, floating* tag, int tid, int nth) noexce
     cdef Py_ssize_t n_chunks = (c.n + c.chunk - 1) // c.chunk
     cdef Py_ssize_t k, start, nr
     cdef int l, act
+    cdef int* bad
     cdef floating* src
     cdef floating* dst
     k = tid
     while k < n_chunks:
         start = k * c.chunk
+        # the first chunk reads every weight once: the finiteness test rides on its products
+        bad = &c.bad if (c.check and k == 0) else NULL
         k += nth
         nr = c.n - start
         if nr > c.chunk:
@@ -1417,7 +1425,7 @@ cdef void _forward_worker(ForwardCtx* c, floating* tag, int tid, int nth) noexce
         for l in range(c.L):
             act = c.output_act if l == c.L - 1 else c.hidden_act
             dst = out + start * sz[c.L] if l == c.L - 1 else bufs[2 * tid + l % 2]
-            _forward_rows(src, <floating*>c.W[l], <floating*>c.b[l], dst, nr, sz[l], sz[l + 1], act)
+            _forward_rows(src, <floating*>c.W[l], <floating*>c.b[l], dst, nr, sz[l], sz[l + 1], act, bad)
             src = dst
 
 
@@ -1429,7 +1437,28 @@ cdef void _fwd_worker_f64(void* ctx, int tid, int nth) noexcept nogil:
     _forward_worker(<ForwardCtx*>ctx, <double*>NULL, tid, nth)
 
 
-def forward_network(X, list weights, list biases, int hidden_act, int output_act, out, int n_threads=1):
+cdef inline bint _fits(object a, int typenum, Py_ssize_t d0, Py_ssize_t d1, bint write):
+    """Whether ``a`` is what :func:`_need` asks for (2-D ``(d0, d1)``, or 1-D ``(d0,)`` with ``d1 < 0``), in C:
+    the cheap road of a call on small inputs; :func:`_need` words the error."""
+    if not cnp.PyArray_Check(a):
+        return False
+    cdef cnp.ndarray x = <cnp.ndarray>a
+    cdef int nd = 1 if d1 < 0 else 2
+    if cnp.PyArray_TYPE(x) != typenum or cnp.PyArray_NDIM(x) != nd or not cnp.PyArray_IS_C_CONTIGUOUS(x) \
+            or not cnp.PyArray_ISALIGNED(x) or (write and not cnp.PyArray_ISWRITEABLE(x)):
+        return False
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    return dims[0] == d0 and (nd == 1 or dims[1] == d1)
+
+
+cdef bint _finite_any(void* p, Py_ssize_t n, bint f32) noexcept nogil:
+    if f32:
+        return _finite32(<const uint32_t*>p, n)
+    return _finite64(<const uint64_t*>p, n)
+
+
+def forward_network(X, list weights, list biases, int hidden_act, int output_act, out, int n_threads=1,
+                    bint check=False):
     """Output activations of the whole network, in row chunks that stay in cache.
 
     Parameters
@@ -1444,47 +1473,96 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
     n_threads : int
         OpenMP threads, each taking every ``n_threads``-th chunk of 256 rows (keep the BLAS on one
         thread meanwhile); ignored without OpenMP.
+    check : bool
+        Also test every weight and bias for NaN and infinity (SIMD builds: in the same pass as the
+        first chunk's products; BLAS builds: one scan before).
+
+    Returns
+    -------
+    bool
+        False when ``check`` found a NaN or an infinity (``out`` then holds no meaningful values), else
+        True.
     """
     cdef Py_ssize_t chunk = 256
     cdef int l, L = len(weights)
     if not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype not in (np.float32, np.float64):
         raise ValueError("X must be a 2-D float32 or float64 array")
-    dt = X.dtype
-    _need(X, "X", dt, X.shape)
     if L < 1 or len(biases) != L:
         raise ValueError(f"weights and biases need one array per layer, got {L} and {len(biases)}")
-    sz = [X.shape[1]]
-    for l in range(L):
-        if not isinstance(weights[l], np.ndarray) or weights[l].ndim != 2:
-            raise ValueError(f"weights[{l}] must be a 2-D array")
-        sz.append(weights[l].shape[0])
-        _need(weights[l], f"weights[{l}]", dt, (sz[l + 1], sz[l]))
-        _need(biases[l], f"biases[{l}]", dt, (sz[l + 1],))
-    _need(out, "out", dt, (X.shape[0], sz[L]), True)
-    if X.shape[0] == 0 or sz[L] == 0:
-        return
-    if not HAVE_OPENMP or n_threads < 1:
-        n_threads = 1
-    wmax = max(1, max(sz[1:]))
-    bufs = [np.empty((chunk, wmax), dtype=X.dtype) for _ in range(2 * n_threads)]
-    p_w, p_b, p_buf = _ptr_array(weights), _ptr_array(biases), _ptr_array(bufs)
-    sizes = np.array(sz, np.intp)
+    cdef int tn = cnp.PyArray_TYPE(<cnp.ndarray>X)
+    cdef bint f32 = tn == cnp.NPY_FLOAT32
+    cdef Py_ssize_t n = X.shape[0], wmax = 1, itemsize = 4 if f32 else 8
+    keep = (tuple(weights), tuple(biases))  # the arrays stay alive while the kernels run, whatever the lists do
+    cdef Py_ssize_t* sizes = <Py_ssize_t*>malloc((L + 1) * sizeof(Py_ssize_t))
+    cdef void** tab = <void**>malloc((2 * L + 2 * max(n_threads, 1)) * sizeof(void*))
+    cdef char* block = NULL
     cdef ForwardCtx c
-    c.X = _data(X)
-    c.out = _data(out)
-    c.W = <void**>_data(p_w)
-    c.b = <void**>_data(p_b)
-    c.bufs = <void**>_data(p_buf)
-    c.sizes = <Py_ssize_t*>_data(sizes)
-    c.L = len(weights)
-    c.n = X.shape[0]
-    c.chunk = chunk
-    c.hidden_act = hidden_act
-    c.output_act = output_act
-    cdef bint f32 = X.dtype == np.float32
-    cdef int nth = n_threads
-    with nogil:
-        fm_run_parallel(_fwd_worker_f32 if f32 else _fwd_worker_f64, &c, nth)
+    cdef int nth
+    cdef Py_ssize_t rows, step
+    cdef bint ok = True
+    if sizes == NULL or tab == NULL:
+        free(sizes)
+        free(tab)
+        raise MemoryError()
+    try:
+        sizes[0] = X.shape[1]
+        if not _fits(X, tn, n, sizes[0], False):
+            _need(X, "X", X.dtype, X.shape)
+        for l in range(L):
+            w, bb = weights[l], biases[l]
+            if not isinstance(w, np.ndarray) or w.ndim != 2:
+                raise ValueError(f"weights[{l}] must be a 2-D array")
+            sizes[l + 1] = w.shape[0]
+            if not _fits(w, tn, sizes[l + 1], sizes[l], False):
+                _need(w, f"weights[{l}]", X.dtype, (sizes[l + 1], sizes[l]))
+            if not _fits(bb, tn, sizes[l + 1], -1, False):
+                _need(bb, f"biases[{l}]", X.dtype, (sizes[l + 1],))
+            tab[l] = cnp.PyArray_DATA(<cnp.ndarray>w)
+            tab[L + l] = cnp.PyArray_DATA(<cnp.ndarray>bb)
+            if sizes[l + 1] > wmax:
+                wmax = sizes[l + 1]
+        if not _fits(out, tn, n, sizes[L], True):
+            _need(out, "out", X.dtype, (n, sizes[L]), True)
+        if check:
+            # biases always by a scan (small); weights too where the products run through BLAS
+            for l in range(L):
+                if not _finite_any(tab[L + l], sizes[l + 1], f32) or (
+                        not FM_SIMD_GEMM and not _finite_any(tab[l], sizes[l + 1] * sizes[l], f32)):
+                    return False
+        if n == 0 or sizes[L] == 0:
+            return True
+        if not HAVE_OPENMP or n_threads < 1:
+            n_threads = 1
+        nth = n_threads
+        rows = n if n < chunk else chunk
+        step = ((rows * wmax * itemsize + 63) // 64) * 64
+        block = <char*>malloc(2 * nth * step + 64)
+        if block == NULL:
+            raise MemoryError()
+        for l in range(2 * nth):
+            tab[2 * L + l] = <void*>((((<size_t>block) + 63) & ~(<size_t>63)) + l * step)
+        c.X = _data(X)
+        c.out = _data(out)
+        c.W = tab
+        c.b = tab + L
+        c.bufs = tab + 2 * L
+        c.sizes = sizes
+        c.L = L
+        c.n = n
+        c.chunk = chunk
+        c.hidden_act = hidden_act
+        c.output_act = output_act
+        c.check = 1 if (check and FM_SIMD_GEMM) else 0
+        c.bad = 0
+        with nogil:
+            fm_run_parallel(_fwd_worker_f32 if f32 else _fwd_worker_f64, &c, nth)
+        ok = c.bad == 0
+    finally:
+        free(block)
+        free(tab)
+        free(sizes)
+    del keep
+    return ok
 
 
 ctypedef struct PeakCtx:
@@ -1895,3 +1973,28 @@ def all_finite(list arrays):
         if not ok:
             return False
     return True
+
+
+def same_arrays(list current, tuple params, tuple meta):
+    """Whether ``current[i] is params[i]`` for every ``i`` and each array still has the ``(ndim, shape,
+    type number, shape, strides)`` of ``meta[i]`` (``(ndim, dtype.num, *shape, *strides)``): the inference road's
+    test that no parameter array was replaced, reshaped or retyped in place since it was checked."""
+    cdef Py_ssize_t i, d, n = len(params)
+    cdef cnp.ndarray a
+    cdef tuple m
+    cdef int nd
+    if len(current) != n or len(meta) != n:
+        return False
+    for i in range(n):
+        if current[i] is not params[i]:
+            return False
+        a = <cnp.ndarray>params[i]
+        m = <tuple>meta[i]
+        nd = cnp.PyArray_NDIM(a)
+        if len(m) != 2 + 2 * nd or <int>m[0] != nd or <int>m[1] != cnp.PyArray_TYPE(a):
+            return False
+        for d in range(nd):
+            if <Py_ssize_t>m[2 + d] != cnp.PyArray_DIMS(a)[d] or <Py_ssize_t>m[2 + nd + d] != cnp.PyArray_STRIDES(a)[d]:
+                return False
+    return True
+

@@ -141,6 +141,12 @@ FM_INLINE void fm_tr8_pd(__m512d *r) {
 #define V_MUL(a, b) _mm512_mul_ps((a), (b))
 #define V_RSUM(v) _mm512_reduce_add_ps(v)
 #define V_TRANSPOSE(r) fm_tr16_ps(r)
+/* the finiteness test: VFPCLASS for QNaN, SNaN, +inf and -inf (0x99), the lanes' masks ORed */
+#define VC_T __mmask16
+#define VC_ZERO() ((__mmask16)0)
+#define VC_ACC(acc, v) ((acc) = _kor_mask16((acc), _mm512_fpclass_ps_mask((v), 0x99)))
+#define VC_OR(x, y) _kor_mask16((x), (y))
+#define VC_ANY(x) ((x) != 0)
 #define GM_KC 64
 #include "_simd_gemm_t.h" /* undefines T, SUF, V, VN, GM_KC and V_* again */
 
@@ -159,6 +165,11 @@ FM_INLINE void fm_tr8_pd(__m512d *r) {
 #define V_MUL(a, b) _mm512_mul_pd((a), (b))
 #define V_RSUM(v) _mm512_reduce_add_pd(v)
 #define V_TRANSPOSE(r) fm_tr8_pd(r)
+#define VC_T __mmask8
+#define VC_ZERO() ((__mmask8)0)
+#define VC_ACC(acc, v) ((acc) = _kor_mask8((acc), _mm512_fpclass_pd_mask((v), 0x99)))
+#define VC_OR(x, y) _kor_mask8((x), (y))
+#define VC_ANY(x) ((x) != 0)
 #define GM_KC 64
 #include "_simd_gemm_t.h"
 
@@ -234,6 +245,11 @@ FM_INLINE double fm_rsum4(__m256d v) {
 #define V_MUL(a, b) _mm256_mul_ps((a), (b))
 #define V_RSUM(v) fm_rsum8(v)
 #define V_TRANSPOSE(r) fm_tr8_ps(r)
+#define VC_T __m256i
+#define VC_ZERO() _mm256_setzero_si256()
+#define VC_ACC(acc, v) ((acc) = _mm256_or_si256((acc), _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7f800000)), _mm256_set1_epi32(0x7f800000))))
+#define VC_OR(x, y) _mm256_or_si256((x), (y))
+#define VC_ANY(x) (!_mm256_testz_si256((x), (x)))
 #define GM_KC 256
 #include "_simd_gemm_t.h"
 
@@ -252,6 +268,11 @@ FM_INLINE double fm_rsum4(__m256d v) {
 #define V_MUL(a, b) _mm256_mul_pd((a), (b))
 #define V_RSUM(v) fm_rsum4(v)
 #define V_TRANSPOSE(r) fm_tr4_pd(r)
+#define VC_T __m256i
+#define VC_ZERO() _mm256_setzero_si256()
+#define VC_ACC(acc, v) ((acc) = _mm256_or_si256((acc), _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_castpd_si256(v), _mm256_set1_epi64x(0x7ff0000000000000LL)), _mm256_set1_epi64x(0x7ff0000000000000LL))))
+#define VC_OR(x, y) _mm256_or_si256((x), (y))
+#define VC_ANY(x) (!_mm256_testz_si256((x), (x)))
 #define GM_KC 256
 #include "_simd_gemm_t.h"
 
@@ -260,7 +281,8 @@ FM_INLINE double fm_rsum4(__m256d v) {
 #define FM_VBYTES 16
 #define FM_SCALAR_KERNELS(T, SUF)                                                                          \
     static void fm_nt_##SUF(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *W, int64_t ldw,  \
-                            T *C, int64_t ldc) {                                                             \
+                            T *C, int64_t ldc, int *bad) {                                                   \
+        (void)bad;                                                                                           \
         for (int64_t i = 0; i < M; i++)                                                                      \
             for (int64_t o = 0; o < N; o++) {                                                                \
                 T s = 0;                                                                                     \

@@ -157,14 +157,16 @@ static void FN(fm_gemm)(int64_t P, int64_t K, int64_t Q, T *const *lrow, int64_t
  * inference on W as stored (no transposed copy to make).  Register tile NT_MR rows x NT_NR outputs;
  * each output ends with one horizontal sum.  Each C[i][o] depends on row i and W only.
  * ================================================================================================ */
-FM_INLINE void FN(nt_tile)(const int mr, const int nr, int64_t K, const T *const *a, const T *const *w, T *c,
-                           int64_t ldc) {
+FM_INLINE void FN(nt_tile)(const int mr, const int nr, const int check, int64_t K, const T *const *a,
+                           const T *const *w, T *c, int64_t ldc, VC_T *chk) {
     V acc[NT_MR][NT_NR];
+    VC_T bad = VC_ZERO();
     FM_UNROLL for (int r = 0; r < mr; r++) FM_UNROLL for (int j = 0; j < nr; j++) acc[r][j] = V_ZERO();
     int64_t k = 0;
     for (; k + VN <= K; k += VN) {
         V wv[NT_NR];
         FM_UNROLL for (int j = 0; j < nr; j++) wv[j] = V_LOAD(w[j] + k);
+        if (check) FM_UNROLL for (int j = 0; j < nr; j++) VC_ACC(bad, wv[j]);
         FM_UNROLL for (int r = 0; r < mr; r++) {
             const V av = V_LOAD(a[r] + k);
             FM_UNROLL for (int j = 0; j < nr; j++) acc[r][j] = V_FMA(av, wv[j], acc[r][j]);
@@ -174,37 +176,52 @@ FM_INLINE void FN(nt_tile)(const int mr, const int nr, int64_t K, const T *const
         const int rem = (int)(K - k);
         V wv[NT_NR];
         FM_UNROLL for (int j = 0; j < nr; j++) wv[j] = V_LOADM(w[j] + k, rem);
+        if (check) FM_UNROLL for (int j = 0; j < nr; j++) VC_ACC(bad, wv[j]);
         FM_UNROLL for (int r = 0; r < mr; r++) {
             const V av = V_LOADM(a[r] + k, rem);
             FM_UNROLL for (int j = 0; j < nr; j++) acc[r][j] = V_FMA(av, wv[j], acc[r][j]);
         }
     }
+    if (check) *chk = VC_OR(*chk, bad);
     FM_UNROLL for (int r = 0; r < mr; r++) FM_UNROLL for (int j = 0; j < nr; j++) c[r * ldc + j] = V_RSUM(acc[r][j]);
 }
 
 #define NT_N(n) (NT_NR >= (n) ? (n) : NT_NR)
-#define NT_CASES(MR)                                                                                           \
+#define NT_CASES(MR, CK)                                                                                       \
     switch (nr) {                                                                                              \
-    case 1: FN(nt_tile)(MR, 1, K, a, w, c, ldc); return;                                                       \
-    case 2: FN(nt_tile)(MR, NT_N(2), K, a, w, c, ldc); return;                                                 \
-    case 3: FN(nt_tile)(MR, NT_N(3), K, a, w, c, ldc); return;                                                 \
-    case 4: FN(nt_tile)(MR, NT_N(4), K, a, w, c, ldc); return;                                                 \
-    default: FN(nt_tile)(MR, NT_N(5), K, a, w, c, ldc); return;                                                \
+    case 1: FN(nt_tile)(MR, 1, CK, K, a, w, c, ldc, chk); return;                                              \
+    case 2: FN(nt_tile)(MR, NT_N(2), CK, K, a, w, c, ldc, chk); return;                                        \
+    case 3: FN(nt_tile)(MR, NT_N(3), CK, K, a, w, c, ldc, chk); return;                                        \
+    case 4: FN(nt_tile)(MR, NT_N(4), CK, K, a, w, c, ldc, chk); return;                                        \
+    default: FN(nt_tile)(MR, NT_N(5), CK, K, a, w, c, ldc, chk); return;                                       \
     }
-static void FN(nt_full_rows)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc) {
-    NT_CASES(NT_MR)
+static void FN(nt_full_rows)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc,
+                             VC_T *chk) {
+    if (chk) {
+        NT_CASES(NT_MR, 1)
+    } else {
+        NT_CASES(NT_MR, 0)
+    }
 }
-static void FN(nt_one_row)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc) {
-    NT_CASES(1)
+static void FN(nt_one_row)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc,
+                           VC_T *chk) {
+    if (chk) {
+        NT_CASES(1, 1)
+    } else {
+        NT_CASES(1, 0)
+    }
 }
 #undef NT_CASES
 #undef NT_N
 
-/* C (M, N; ldc) = A (M, K; lda) @ W (N, K; ldw).T */
+/* C (M, N; ldc) = A (M, K; lda) @ W (N, K; ldw).T.  With bad != NULL, also *bad = 1 when W holds a NaN or an
+ * infinity (an integer test of the exponent bits, fused into the first row tile, which reads every W[o][k]
+ * once), else *bad is left as it is; the products are the same either way. */
 static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *W, int64_t ldw, T *C,
-                      int64_t ldc) {
+                      int64_t ldc, int *bad) {
     const T *a[NT_MR];
     const T *w[NT_NR];
+    VC_T chk = VC_ZERO();
     int64_t slab = NT_SLAB_BYTES / ((K > 0 ? K : 1) * (int64_t)sizeof(T));
     slab = slab < NT_NR ? NT_NR : (slab / NT_NR) * NT_NR;
     for (int64_t j0 = 0; j0 < N; j0 += slab) {
@@ -215,7 +232,7 @@ static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, 
             for (int64_t j = j0; j < j1; j += NT_NR) {
                 const int nr = (int)(j1 - j < NT_NR ? j1 - j : NT_NR);
                 for (int q = 0; q < nr; q++) w[q] = W + (j + q) * ldw;
-                FN(nt_full_rows)(nr, K, a, w, C + i * ldc + j, ldc);
+                FN(nt_full_rows)(nr, K, a, w, C + i * ldc + j, ldc, bad && i == 0 ? &chk : (VC_T *)0);
             }
         }
         for (; i < M; i++) {
@@ -223,10 +240,11 @@ static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, 
             for (int64_t j = j0; j < j1; j += NT_NR) {
                 const int nr = (int)(j1 - j < NT_NR ? j1 - j : NT_NR);
                 for (int q = 0; q < nr; q++) w[q] = W + (j + q) * ldw;
-                FN(nt_one_row)(nr, K, a, w, C + i * ldc + j, ldc);
+                FN(nt_one_row)(nr, K, a, w, C + i * ldc + j, ldc, bad && i == 0 ? &chk : (VC_T *)0);
             }
         }
     }
+    if (bad && VC_ANY(chk)) *bad = 1;
 }
 
 /* ================================================================================================
@@ -270,3 +288,8 @@ static void FN(fm_transpose)(int64_t rows, int64_t cols, const T *S, int64_t lds
 #undef V_MUL
 #undef V_RSUM
 #undef V_TRANSPOSE
+#undef VC_T
+#undef VC_ZERO
+#undef VC_ACC
+#undef VC_OR
+#undef VC_ANY
