@@ -27,6 +27,7 @@ import fastmlp
 from fastmlp import get_backend
 from fastmlp._threads import ThreadChoice
 from fastmlp.backends import backend_errors
+from fastmlp.backends.contract import ACT_CODES as ACT
 from fastmlp.backends.contract import HIDDEN_ACTIVATIONS, KEEP_BITS, VALID_OUTPUT_LOSS, keep_threshold, mask_bits
 
 COMPILED = [name for name in fastmlp.available_backends() if name != "numpy"]
@@ -943,3 +944,40 @@ def test_full_batch_epoch_memory_does_not_grow_with_the_rows(monkeypatch, backen
         tracemalloc.stop()
     assert peak < (12 if keep is None else 40) * 2**20, f"peak {peak / 2**20:.1f} MiB"
     assert X.nbytes > (4 if keep is None else 1) * peak
+
+
+@pytest.mark.skipif("cython" not in fastmlp.available_backends(), reason="the cython backend is not built")
+@pytest.mark.parametrize("road", ["dot products on W", "outer products on W.T"])
+@pytest.mark.parametrize(
+    "sizes,hidden,output",
+    [([1, 1], "sigmoid", "sigmoid"), ([5, 3, 2], "tanh", "softmax"), ([784, 100, 10], "relu", "softmax"),
+     ([17, 9, 33, 4], "relu", "identity"), ([31, 7, 6, 5, 4, 3], "sigmoid", "sigmoid"), ([65, 130, 2], "tanh", "exp")],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("n", [1, 5, 7, 300, 777])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cython_forward_network_roads(dtype, n, sizes, hidden, output, road):
+    """Both inference roads of the Cython build (the dot-product kernel on W as stored for few rows, the
+    outer-product kernel on transposed copies from ``_FORWARD_GEMM_ROWS`` rows) against the reference, on one
+    and two threads, with the finiteness test of ``forward_network_checked`` on each."""
+    from fastmlp.backends import cython as cy
+
+    rng = _rng("roads", dtype, n, sizes)
+    weights, biases = _network(rng, sizes, dtype)
+    X = rng.normal(size=(n, sizes[0])).astype(dtype)
+    want = REF.forward_network(X, weights, biases, hidden, output)
+    old = cy._k.set_forward_gemm_rows(1 if road.startswith("outer") else 10**9)
+    try:
+        for nth in (1, 2):
+            out = np.full((n, sizes[-1]), np.nan, dtype)
+            assert cy._k.forward_network(X, weights, biases, ACT[hidden], ACT[output], out, nth, True)
+            _assert_close(out, want, dtype, f"{road}, {nth} threads")
+            for arrs in (weights, biases):
+                for arr in (arrs[0], arrs[-1]):
+                    keep = arr.flat[-1]
+                    for bad in (np.nan, np.inf, -np.inf):
+                        arr.flat[-1] = bad
+                        assert not cy._k.forward_network(X, weights, biases, ACT[hidden], ACT[output], out, nth, True)
+                    arr.flat[-1] = keep
+    finally:
+        cy._k.set_forward_gemm_rows(old)

@@ -1384,6 +1384,21 @@ def dropout_mask(uint64_t seed, uint64_t step, uint64_t layer, int64_t keep_thre
                    <floating>scale)
 
 
+#: rows from which forward_network runs the outer-product kernel on transposed copies of W (SIMD builds);
+#: fewer rows take the dot-product kernel on W as stored (the copies would cost more than they save)
+DEF _FORWARD_GEMM_ROWS_DEFAULT = 512
+cdef Py_ssize_t _FORWARD_GEMM_ROWS = _FORWARD_GEMM_ROWS_DEFAULT
+
+
+def set_forward_gemm_rows(Py_ssize_t rows):
+    """Set the rows from which :func:`forward_network` takes the outer-product road (tests, benchmarks);
+    returns the previous value."""
+    global _FORWARD_GEMM_ROWS
+    old = _FORWARD_GEMM_ROWS
+    _FORWARD_GEMM_ROWS = max(1, rows)
+    return old
+
+
 ctypedef struct ForwardCtx:
     void* X
     void* out
@@ -1398,6 +1413,8 @@ ctypedef struct ForwardCtx:
     int output_act
     int check              # SIMD builds: test W for NaN / infinity in the first chunk's products
     int bad                # set to 1 by that test
+    void** wt_rows         # NULL, or (sum of n_in,) rows of each layer's transposed W: the outer-product road
+    void** lrows           # with wt_rows: (n_threads * chunk,) row pointers of each thread's layer input
 
 
 cdef void _forward_worker(ForwardCtx* c, floating* tag, int tid, int nth) noexcept nogil:
@@ -1407,11 +1424,13 @@ cdef void _forward_worker(ForwardCtx* c, floating* tag, int tid, int nth) noexce
     cdef floating** bufs = <floating**>c.bufs
     cdef Py_ssize_t* sz = c.sizes
     cdef Py_ssize_t n_chunks = (c.n + c.chunk - 1) // c.chunk
-    cdef Py_ssize_t k, start, nr
+    cdef Py_ssize_t k, start, nr, r
     cdef int l, act
     cdef int* bad
     cdef floating* src
     cdef floating* dst
+    cdef floating** wt
+    cdef floating** lrow
     k = tid
     while k < n_chunks:
         start = k * c.chunk
@@ -1422,10 +1441,18 @@ cdef void _forward_worker(ForwardCtx* c, floating* tag, int tid, int nth) noexce
         if nr > c.chunk:
             nr = c.chunk
         src = X + start * sz[0]
+        wt = <floating**>c.wt_rows
         for l in range(c.L):
             act = c.output_act if l == c.L - 1 else c.hidden_act
             dst = out + start * sz[c.L] if l == c.L - 1 else bufs[2 * tid + l % 2]
-            _forward_rows(src, <floating*>c.W[l], <floating*>c.b[l], dst, nr, sz[l], sz[l + 1], act, bad)
+            if wt != NULL:
+                lrow = <floating**>c.lrows + tid * c.chunk
+                for r in range(nr):
+                    lrow[r] = src + r * sz[l]
+                _forward_rows_t(lrow, wt, <floating*>c.b[l], dst, sz[l + 1], nr, sz[l], sz[l + 1], act)
+                wt += sz[l]
+            else:
+                _forward_rows(src, <floating*>c.W[l], <floating*>c.b[l], dst, nr, sz[l], sz[l + 1], act, bad)
             src = dst
 
 
@@ -1496,9 +1523,12 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
     cdef Py_ssize_t* sizes = <Py_ssize_t*>malloc((L + 1) * sizeof(Py_ssize_t))
     cdef void** tab = <void**>malloc((2 * L + 2 * max(n_threads, 1)) * sizeof(void*))
     cdef char* block = NULL
+    cdef void** ptrs = NULL
     cdef ForwardCtx c
     cdef int nth
-    cdef Py_ssize_t rows, step
+    cdef Py_ssize_t rows, step, n_wt, n_in_total, q, r
+    cdef size_t base, wt_at
+    cdef bint gemm_road
     cdef bint ok = True
     if sizes == NULL or tab == NULL:
         free(sizes)
@@ -1523,11 +1553,13 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
                 wmax = sizes[l + 1]
         if not _fits(out, tn, n, sizes[L], True):
             _need(out, "out", X.dtype, (n, sizes[L]), True)
+        # many rows (SIMD builds): the outer-product kernel on transposed copies of W, made once per call
+        gemm_road = FM_SIMD_GEMM and n >= _FORWARD_GEMM_ROWS
         if check:
-            # biases always by a scan (small); weights too where the products run through BLAS
+            # biases always by a scan (small); weights too where the products do not test them
             for l in range(L):
                 if not _finite_any(tab[L + l], sizes[l + 1], f32) or (
-                        not FM_SIMD_GEMM and not _finite_any(tab[l], sizes[l + 1] * sizes[l], f32)):
+                        (gemm_road or not FM_SIMD_GEMM) and not _finite_any(tab[l], sizes[l + 1] * sizes[l], f32)):
                     return False
         if n == 0 or sizes[L] == 0:
             return True
@@ -1536,11 +1568,39 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
         nth = n_threads
         rows = n if n < chunk else chunk
         step = ((rows * wmax * itemsize + 63) // 64) * 64
-        block = <char*>malloc(2 * nth * step + 64)
+        n_wt = 0
+        n_in_total = 0
+        if gemm_road:
+            for l in range(L):
+                n_wt += ((sizes[l] * sizes[l + 1] * itemsize + 63) // 64) * 64
+                n_in_total += sizes[l]
+        block = <char*>malloc(2 * nth * step + n_wt + 64)
         if block == NULL:
             raise MemoryError()
+        base = ((<size_t>block) + 63) & ~(<size_t>63)
         for l in range(2 * nth):
-            tab[2 * L + l] = <void*>((((<size_t>block) + 63) & ~(<size_t>63)) + l * step)
+            tab[2 * L + l] = <void*>(base + l * step)
+        c.wt_rows = NULL
+        c.lrows = NULL
+        if gemm_road:
+            ptrs = <void**>malloc((n_in_total + nth * chunk) * sizeof(void*))
+            if ptrs == NULL:
+                raise MemoryError()
+            wt_at = base + 2 * nth * step
+            q = 0
+            with nogil:
+                for l in range(L):
+                    if f32:
+                        fm_transpose_f32(sizes[l + 1], sizes[l], <float*>tab[l], sizes[l], <float*>wt_at, sizes[l + 1])
+                    else:
+                        fm_transpose_f64(sizes[l + 1], sizes[l], <double*>tab[l], sizes[l], <double*>wt_at,
+                                         sizes[l + 1])
+                    for r in range(sizes[l]):
+                        ptrs[q] = <void*>(wt_at + r * sizes[l + 1] * itemsize)
+                        q += 1
+                    wt_at += ((sizes[l] * sizes[l + 1] * itemsize + 63) // 64) * 64
+            c.wt_rows = ptrs
+            c.lrows = ptrs + n_in_total
         c.X = _data(X)
         c.out = _data(out)
         c.W = tab
@@ -1558,6 +1618,7 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
             fm_run_parallel(_fwd_worker_f32 if f32 else _fwd_worker_f64, &c, nth)
         ok = c.bad == 0
     finally:
+        free(ptrs)
         free(block)
         free(tab)
         free(sizes)
