@@ -58,6 +58,8 @@ MIN_BLOCK_MACS = 1_000_000
 #: the slower thread count is timed again every this many epochs of a shape (four times as rarely when it
 #: was more than three times slower)
 PROBE_EVERY = 64
+#: epochs per thread count whose best time is that count's speed
+RECENT = 3
 
 _ENV = "FASTMLP_NUM_THREADS"
 _cap: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastmlp_thread_cap", default=None)
@@ -196,12 +198,17 @@ class ThreadChoice:
     ``choose(key, n)`` returns ``n`` until ``n`` threads were timed, then 1 until
     one thread was timed, then the faster of the two, timing the slower again
     every :data:`PROBE_EVERY` epochs of that key (four times as rarely when it was
-    more than three times slower).  Thread-safe.
+    more than three times slower).  A thread count's speed is the best of its
+    last :data:`RECENT` epochs: a machine's noise only ever slows an epoch down,
+    so one epoch slowed by a neighbour (or by a core the host parked during a
+    pause) does not move the choice for the next ``PROBE_EVERY`` epochs.
+    Thread-safe.
     """
 
     def __init__(self) -> None:
         self.speed: dict[tuple, dict[int, float]] = {}
         self.calls: dict[tuple, int] = {}
+        self._recent: dict[tuple, list[float]] = {}
         self._lock = threading.Lock()
 
     def choose(self, key: tuple, n: int) -> int:
@@ -222,7 +229,10 @@ class ThreadChoice:
     def record(self, key: tuple, n_threads: int, seconds: float, n_samples: int) -> None:
         """Note that an epoch of ``key`` over ``n_samples`` rows took ``seconds`` on ``n_threads`` threads."""
         with self._lock:
-            self.speed.setdefault(key, {})[n_threads] = seconds / max(1, n_samples)
+            recent = self._recent.setdefault((key, n_threads), [])
+            recent.append(seconds / max(1, n_samples))
+            del recent[:-RECENT]
+            self.speed.setdefault(key, {})[n_threads] = min(recent)
 
 
 # ------------------------------------------------------------------------------ caps

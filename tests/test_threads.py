@@ -264,3 +264,21 @@ def test_concurrent_fits_match_their_serial_runs(backend):
         assert l_s == l_t, f"fit {i}: losses differ when fits run concurrently"
         for a, b in zip(p_s, p_t):
             np.testing.assert_array_equal(a, b, err_msg=f"fit {i}")
+
+
+def test_thread_choice_takes_the_best_of_recent_epochs():
+    """One epoch slowed by the machine does not move the choice; a lasting change does, after RECENT epochs."""
+    from fastmlp._threads import RECENT, ThreadChoice
+
+    ch = ThreadChoice()
+    key = ("shape",)
+    assert ch.choose(key, 2) == 2
+    ch.record(key, 2, 1.0, 1000)  # 1 ms a sample on two threads
+    assert ch.choose(key, 2) == 1
+    ch.record(key, 1, 1.6, 1000)
+    assert ch.choose(key, 2) == 2
+    ch.record(key, 2, 5.0, 1000)  # one slow epoch on two threads (a neighbour, a parked core)
+    assert ch.speed[key][2] == pytest.approx(1e-3) and ch.choose(key, 2) == 2
+    for _ in range(RECENT):
+        ch.record(key, 2, 5.0, 1000)  # two threads stay slow: the choice follows
+    assert ch.speed[key][2] == pytest.approx(5e-3) and ch.choose(key, 2) == 1
