@@ -195,8 +195,9 @@ def n_blocks(sizes: Sequence[int], batch_size: int) -> int:
 class ThreadChoice:
     """Per-key record of seconds per sample by thread count, and the choice it implies.
 
-    ``choose(key, n)`` returns ``n`` until ``n`` threads were timed, then 1 until
-    one thread was timed, then the faster of the two, timing the slower again
+    ``choose(key, n)`` returns ``n`` until ``n`` threads were timed twice (the
+    first epoch of a shape is cold), then 1 until one thread was timed, then the
+    faster of the two, timing the slower again
     every :data:`PROBE_EVERY` epochs of that key (four times as rarely when it was
     more than three times slower).  A thread count's speed is the best of its
     last :data:`RECENT` epochs: a machine's noise only ever slows an epoch down,
@@ -218,7 +219,9 @@ class ThreadChoice:
         with self._lock:
             calls = self.calls[key] = self.calls.get(key, 0) + 1
             seen = self.speed.get(key, {})
-            if n not in seen:
+            # n threads are timed twice before one thread is tried: the first epoch of a shape is cold
+            # (the thread team starts, the work buffers fault in) and alone it would often lose to one thread
+            if n not in seen or len(self._recent.get((key, n), ())) == 1:
                 return n
             if 1 not in seen:
                 return 1

@@ -760,6 +760,8 @@ def test_cython_thread_choice_follows_measurements(monkeypatch):
     assert _threads.n_blocks(plan.sizes, 100) == 2
     n, blocks, key = cy._threads_for(plan, 1000)
     assert (n, blocks) == (2, 2) and key is not None  # first: as many threads as blocks
+    cy._choice.record(key, 2, 9e-3, 100)
+    assert cy._threads_for(plan, 1000)[0] == 2  # the first epoch is cold: two threads are timed again
     cy._choice.record(key, 2, 8e-3, 100)
     assert cy._threads_for(plan, 1000)[0] == 1  # then one thread, once
     cy._choice.record(key, 1, 2e-4, 100)  # two threads were 40x slower (a busy machine)
@@ -784,6 +786,8 @@ def test_cython_thread_choice_follows_measurements(monkeypatch):
     W, b = _network(rng, [784, 50, 10], "float32")
     for _ in range(2):
         get_backend("cython").train_epoch(X, y, np.arange(300), (W, b), None, 0.1, plan)
+    assert {k: set(v) for k, v in cy._choice.speed.items()} == {key: {2}}  # two threads, twice (the first is cold)
+    get_backend("cython").train_epoch(X, y, np.arange(300), (W, b), None, 0.1, plan)
     assert {k: set(v) for k, v in cy._choice.speed.items()} == {key: {1, 2}}
 
 

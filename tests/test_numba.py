@@ -385,12 +385,13 @@ def test_thread_choice_is_measured_and_capped(monkeypatch):
     monkeypatch.setattr(NB, "_on_threads", rec)
     monkeypatch.setattr(_threads, "thread_budget", lambda: 2)
     monkeypatch.setattr(NB, "_choice", ThreadChoice())
-    for _ in range(3):
+    for _ in range(4):
         W, b, st = case.fresh()
         NBE.train_epoch(case.X, case.Y, case.order, (W, b), st, 0.1, case.plan)
     (speeds,) = NB._choice.speed.values()
     assert set(speeds) == {1, 2} and all(v > 0 for v in speeds.values())
-    assert rec.n_threads[:3] == [2, 2, 1] or rec.n_threads[:2] == [2, 1]  # [2, 2, 1] when the first call compiled
+    # two threads timed twice (the first epoch is cold), then one; once more when the first call compiled
+    assert rec.n_threads[:4] == [2, 2, 2, 1] or rec.n_threads[:3] == [2, 2, 1]
     monkeypatch.setattr(_threads, "thread_budget", lambda: 10_000)
     rec.n_threads.clear()
     monkeypatch.setattr(NB, "_choice", _FixedChoice(10_000))
