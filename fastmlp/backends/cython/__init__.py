@@ -192,7 +192,7 @@ hidden_delta = _k.hidden_delta
 inplace_update = _k.inplace_update
 dropout_mask = _k.dropout_mask
 output_delta = _k.output_delta
-#: rows from which predicting splits its chunks of 256 rows over our threads
+#: rows from which predicting splits its chunks of 64 rows over our threads
 _PARALLEL_FORWARD_ROWS = 512
 
 
@@ -201,8 +201,8 @@ def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.nd
     """Output activations ``out (n_samples, n_out)`` of the whole network for ``X (n_samples, n_in)``.
 
     On its own this runs on one thread, with SciPy's BLAS as it is set.  Inside a ``fit`` (or
-    ``compat.train``) that holds the BLAS on one thread (:func:`fit_context`), inputs of two chunks of
-    256 rows or more are split over two OpenMP threads instead: the validation pass then neither runs
+    ``compat.train``) that holds the BLAS on one thread (:func:`fit_context`), inputs of 512 rows or
+    more are split over two OpenMP threads instead: the validation pass then neither runs
     single-threaded nor wakes OpenBLAS's own workers, which would keep spinning into the next epoch.
     The avx512 build, which calls no BLAS, always splits such inputs.  Each row's result does not
     depend on the split.
