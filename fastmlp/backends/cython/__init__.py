@@ -62,6 +62,7 @@ __all__ = [
     "NAME",
     "OPENMP",
     "SIMD_GEMM",
+    "SIMD_INFER",
     "VARIANT",
     "describe",
     "dropout_mask",
@@ -185,6 +186,8 @@ if _stale:
 OPENMP: bool = bool(_k.HAVE_OPENMP)
 #: whether the loaded build does its matrix products with its own SIMD kernels (avx512) rather than BLAS
 SIMD_GEMM: bool = bool(getattr(_k, "SIMD_GEMM", False))
+#: whether inference runs the build's own SIMD kernels (the avx512 and avx2 builds; no BLAS call)
+SIMD_INFER: bool = bool(getattr(_k, "SIMD_INFER", False))
 
 
 forward = _k.forward
@@ -200,12 +203,12 @@ def forward_network(X: np.ndarray, weights: list[np.ndarray], biases: list[np.nd
                     output_act: int, out: np.ndarray) -> None:  # fmt: skip
     """Output activations ``out (n_samples, n_out)`` of the whole network for ``X (n_samples, n_in)``.
 
-    On its own this runs on one thread, with SciPy's BLAS as it is set.  Inside a ``fit`` (or
-    ``compat.train``) that holds the BLAS on one thread (:func:`fit_context`), inputs of 512 rows or
-    more are split over two OpenMP threads instead: the validation pass then neither runs
+    The avx512 and avx2 builds run their own SIMD kernels, no BLAS, and split inputs of 512 rows or more
+    over two OpenMP threads.  The baseline build calls SciPy's BLAS: on its own it runs on one thread with
+    the BLAS as it is set; inside a ``fit`` (or ``compat.train``) that holds the BLAS on one thread
+    (:func:`fit_context`) it splits such inputs too, so that the validation pass neither runs
     single-threaded nor wakes OpenBLAS's own workers, which would keep spinning into the next epoch.
-    The avx512 build, which calls no BLAS, always splits such inputs.  Each row's result does not
-    depend on the split.
+    Each row's result does not depend on the split.
     """
     forward_network_checked(X, weights, biases, hidden_act, output_act, out, check=False)
 
@@ -214,9 +217,9 @@ def forward_network_checked(X: np.ndarray, weights: list[np.ndarray], biases: li
                             output_act: int, out: np.ndarray, check: bool = True) -> bool:  # fmt: skip
     """:func:`forward_network` that also tests every weight and bias for NaN and infinity: False when one holds
     such a value (``out`` is then meaningless).  The SIMD builds test the weights in the first chunk's products
-    (no pass of its own), the BLAS builds scan them first."""
+    (no pass of its own), the baseline build scans them first."""
     n_threads = 1
-    if OPENMP and X.shape[0] >= _PARALLEL_FORWARD_ROWS and (_threads.pinned() or SIMD_GEMM):
+    if OPENMP and X.shape[0] >= _PARALLEL_FORWARD_ROWS and (_threads.pinned() or SIMD_INFER):
         n_threads = min(_threads.thread_budget(), 2)
         _threads.note_threads_used(n_threads)
     return _k.forward_network(X, weights if type(weights) is list else list(weights),

@@ -51,6 +51,7 @@ DEBUG_BUILD = bool(FASTMLP_DEBUG_BUILD)
 
 cdef extern from "_simd_gemm.h" nogil:
     int FM_SIMD_GEMM
+    int FM_SIMD_KERNELS
     const char* FM_ISA_NAME
     int FM_PEAK_CHAINS
     int FM_PEAK_LANES_F32
@@ -71,6 +72,8 @@ cdef extern from "_simd_gemm.h" nogil:
 #: whether this build has its own SIMD matrix kernels (avx512; avx2 only when compiled with FASTMLP_AVX2_GEMM);
 #: otherwise SciPy's BLAS does the products
 SIMD_GEMM = bool(FM_SIMD_GEMM)
+#: whether inference (``forward_network``) runs this build's own SIMD kernels (avx512 and avx2 builds)
+SIMD_INFER = bool(FM_SIMD_KERNELS)
 #: the instruction set this build's kernels were compiled for: 'avx512', 'avx2' or 'baseline'
 ISA = FM_ISA_NAME.decode()
 
@@ -211,15 +214,14 @@ cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, fl
 
 # --------------------------------------------------------------- matrix products
 cdef inline void _prod_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating* A, Py_ssize_t lda, floating* W,
-                          Py_ssize_t ldw, floating* C, Py_ssize_t ldc, int* bad=NULL) noexcept nogil:
+                          Py_ssize_t ldw, floating* C, Py_ssize_t ldc) noexcept nogil:
     """``C (m, n) = A (m, k) @ W (n, k).T`` on ``W`` as stored (inference; BLAS builds: every forward pass);
-    ``m, n, k >= 1``.  SIMD builds: with ``bad`` given, ``*bad = 1`` too when ``W`` (``ldw == k``) holds a NaN
-    or an infinity, tested in the same pass (BLAS builds: ignored, the caller scans)."""
+    ``m, n, k >= 1``."""
     if FM_SIMD_GEMM:
         if floating is float:
-            fm_nt_f32(m, n, k, A, lda, W, ldw, C, ldc, bad)
+            fm_nt_f32(m, n, k, A, lda, W, ldw, C, ldc, NULL)
         else:
-            fm_nt_f64(m, n, k, A, lda, W, ldw, C, ldc, bad)
+            fm_nt_f64(m, n, k, A, lda, W, ldw, C, ldc, NULL)
     else:
         # C.T (n, m) = Wc.T @ A.T in BLAS's column-major view
         _gemm(TRANS, NOTRANS, <int>n, <int>m, <int>k, <floating>1, W, <int>ldw, A, <int>lda, <floating>0, C, <int>ldc)
@@ -370,14 +372,34 @@ cdef inline void _bias_act_row(floating* z, floating* b, Py_ssize_t n, int act) 
 
 
 cdef void _forward_rows(floating* A, floating* W, floating* b, floating* Z, Py_ssize_t n, Py_ssize_t n_in,
-                        Py_ssize_t n_out, int act, int* bad=NULL) noexcept nogil:
-    """``Z (n, n_out) = act(A (n, n_in) W.T + b)``: one product, then bias and activation row by row (``bad``:
-    see :func:`_prod_nt`)."""
+                        Py_ssize_t n_out, int act) noexcept nogil:
+    """``Z (n, n_out) = act(A (n, n_in) W.T + b)``: one product, then bias and activation row by row."""
     cdef Py_ssize_t r
     if n <= 0 or n_out <= 0:
         return
     if n_in > 0:
-        _prod_nt(n, n_out, n_in, A, n_in, W, n_in, Z, n_out, bad)
+        _prod_nt(n, n_out, n_in, A, n_in, W, n_in, Z, n_out)
+    else:
+        memset(Z, 0, n * n_out * sizeof(floating))
+    for r in range(n):
+        _bias_act_row(Z + r * n_out, b, n_out, act)
+
+
+cdef void _forward_rows_infer(floating* A, floating* W, floating* b, floating* Z, Py_ssize_t n, Py_ssize_t n_in,
+                              Py_ssize_t n_out, int act, int* bad) noexcept nogil:
+    """:func:`_forward_rows` for inference: the SIMD dot-product kernel wherever the build has it (the avx2
+    build too, which trains through BLAS), with the finiteness test of ``W`` when ``bad`` is given."""
+    cdef Py_ssize_t r
+    if not FM_SIMD_KERNELS:
+        _forward_rows(A, W, b, Z, n, n_in, n_out, act)
+        return
+    if n <= 0 or n_out <= 0:
+        return
+    if n_in > 0:
+        if floating is float:
+            fm_nt_f32(n, n_out, n_in, A, n_in, W, n_in, Z, n_out, bad)
+        else:
+            fm_nt_f64(n, n_out, n_in, A, n_in, W, n_in, Z, n_out, bad)
     else:
         memset(Z, 0, n * n_out * sizeof(floating))
     for r in range(n):
@@ -1452,7 +1474,7 @@ cdef void _forward_worker(ForwardCtx* c, floating* tag, int tid, int nth) noexce
                 _forward_rows_t(lrow, wt, <floating*>c.b[l], dst, sz[l + 1], nr, sz[l], sz[l + 1], act)
                 wt += sz[l]
             else:
-                _forward_rows(src, <floating*>c.W[l], <floating*>c.b[l], dst, nr, sz[l], sz[l + 1], act, bad)
+                _forward_rows_infer(src, <floating*>c.W[l], <floating*>c.b[l], dst, nr, sz[l], sz[l + 1], act, bad)
             src = dst
 
 
@@ -1556,12 +1578,12 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
         if not _fits(out, tn, n, sizes[L], True):
             _need(out, "out", X.dtype, (n, sizes[L]), True)
         # many rows (SIMD builds): the outer-product kernel on transposed copies of W, made once per call
-        gemm_road = FM_SIMD_GEMM and n >= _FORWARD_GEMM_ROWS
+        gemm_road = FM_SIMD_KERNELS and n >= _FORWARD_GEMM_ROWS
         if check:
             # biases always by a scan (small); weights too where the products do not test them
             for l in range(L):
                 if not _finite_any(tab[L + l], sizes[l + 1], f32) or (
-                        (gemm_road or not FM_SIMD_GEMM) and not _finite_any(tab[l], sizes[l + 1] * sizes[l], f32)):
+                        (gemm_road or not FM_SIMD_KERNELS) and not _finite_any(tab[l], sizes[l + 1] * sizes[l], f32)):
                     return False
         if n == 0 or sizes[L] == 0:
             return True
@@ -1614,7 +1636,7 @@ def forward_network(X, list weights, list biases, int hidden_act, int output_act
         c.chunk = chunk
         c.hidden_act = hidden_act
         c.output_act = output_act
-        c.check = 1 if (check and FM_SIMD_GEMM) else 0
+        c.check = 1 if (check and FM_SIMD_KERNELS) else 0
         c.bad = 0
         with nogil:
             fm_run_parallel(_fwd_worker_f32 if f32 else _fwd_worker_f64, &c, nth)
