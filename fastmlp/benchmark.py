@@ -419,7 +419,7 @@ def run(quick: bool = False, configs: str = "abc", backends: list[str] | None = 
         result["fit"] = extra.fit_rows(Xa, ya, CONFIGS["a"].layers, 100, rounds, 3 if quick else 5, compiled)
     if "predict" in sections:
         log("Inference, 784-100-10 relu/softmax float32:")
-        result["predict"] = extra.predict_rows(rounds, compiled, quick)
+        result["predict"] = extra.predict_rows(rounds, compiled, quick, data_path)
     if "sklearn" in sections:
         n_sk = 5000 if quick else 20000
         Xs, ys, _ = load_data(n_sk, data_path)

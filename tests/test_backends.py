@@ -985,3 +985,132 @@ def test_cython_forward_network_roads(dtype, n, sizes, hidden, output, road):
                     arr.flat[-1] = keep
     finally:
         cy._k.set_forward_gemm_rows(old)
+
+
+def _sparse_rows_x(rng, n, n_in, dtype):
+    """Rows of every kind for the sparse first layer: all zeros, one nonzero (first or last column), MNIST-like
+    (about 19 % nonzero), just under and over the share thresholds, dense, with -0.0 entries."""
+    X = rng.uniform(0.1, 1.0, size=(n, n_in)) * (rng.uniform(size=(n, n_in)) < rng.uniform(0, 0.6, size=(n, 1)))
+    X[::11] = 0.0
+    X[1::13] = 0.0
+    X[1::13, 0] = 0.7
+    X[2::13] = 0.0
+    X[2::13, -1] = -0.3
+    X[3::17] = rng.normal(size=(len(X[3::17]), n_in))
+    X[4::19] = 0.0
+    X[4::19, ::2] = -0.0
+    return X.astype(dtype)
+
+
+@pytest.mark.skipif("cython" not in fastmlp.available_backends(), reason="the cython backend is not built")
+@pytest.mark.parametrize("share", [None, 1.0, 0.0], ids=["by width", "every row sparse", "never"])
+@pytest.mark.parametrize(
+    "sizes,hidden,output",
+    [([784, 100, 10], "relu", "softmax"), ([5, 3, 2], "tanh", "softmax"), ([37, 300, 19, 3], "relu", "identity"),
+     ([65, 130, 2], "sigmoid", "exp"), ([1, 17, 4], "relu", "sigmoid"), ([33, 1, 2], "tanh", "sigmoid"),
+     ([1100, 1030, 3], "relu", "softmax")],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("n", [512, 777])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cython_forward_network_sparse_first_layer(dtype, n, sizes, hidden, output, share):
+    """The outer-product road's sparse first layer (rows with few nonzeros compressed to them): against the
+    reference on rows of every density, one and two threads; with the share fixed, a row's result depends on
+    that row alone (the same bits when the rows come in another order), and a NaN or infinity in X reaches
+    that row's output as in the dense product."""
+    from fastmlp.backends import cython as cy
+
+    if not cy.SIMD_INFER:
+        pytest.skip("this build predicts through SciPy's BLAS: no outer-product road, no sparse first layer")
+    rng = _rng("sparse-first", dtype, n, sizes)
+    weights, biases = _network(rng, sizes, dtype)
+    X = _sparse_rows_x(rng, n, sizes[0], dtype)
+    want = REF.forward_network(X, weights, biases, hidden, output)
+    old_rows = cy._k.set_forward_gemm_rows(1)
+    old_share = cy._k.set_sparse_row_density(share)
+    try:
+        outs = []
+        for nth in (1, 2):
+            out = np.full((n, sizes[-1]), np.nan, dtype)
+            assert cy._k.forward_network(X, weights, biases, ACT[hidden], ACT[output], out, nth, True)
+            _assert_close(out, want, dtype, f"share {share}, {nth} threads")
+            outs.append(out)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        perm = rng.permutation(n)
+        out_p = np.empty_like(outs[0])
+        cy._k.forward_network(np.ascontiguousarray(X[perm]), weights, biases, ACT[hidden], ACT[output], out_p, 2, True)
+        if share is None:  # whether rows are looked at follows an even sample of the call's rows
+            _assert_close(out_p, outs[0][perm], dtype, "rows in another order")
+        else:
+            np.testing.assert_array_equal(out_p, outs[0][perm], err_msg="a row's result depends on its neighbours")
+        Xb = X.copy()
+        Xb[5, sizes[0] // 2] = np.nan
+        Xb[6, -1] = np.inf
+        Xb[7, 0] = -np.inf
+        out_b = np.empty_like(outs[0])
+        cy._k.forward_network(Xb, weights, biases, ACT[hidden], ACT[output], out_b, 1, True)
+        # the public API refuses such X; the raw kernel must still carry them as the dense product does
+        want_b = np.empty_like(outs[0])
+        prev = cy._k.set_sparse_row_density(0.0)
+        cy._k.forward_network(Xb, weights, biases, ACT[hidden], ACT[output], want_b, 1, True)
+        cy._k.set_sparse_row_density(prev)
+        for r in (5, 6, 7):
+            np.testing.assert_array_equal(np.isnan(out_b[r]), np.isnan(want_b[r]), err_msg=f"row {r}")
+        keep = [r for r in range(n) if r not in (5, 6, 7)]
+        np.testing.assert_array_equal(out_b[keep], outs[0][keep])
+    finally:
+        cy._k.set_sparse_row_density(old_share)
+        cy._k.set_forward_gemm_rows(old_rows)
+
+
+@pytest.mark.skipif("cython" not in fastmlp.available_backends(), reason="the cython backend is not built")
+def test_cython_sparse_row_share_setting():
+    from fastmlp.backends import cython as cy
+
+    old = cy._k.set_sparse_row_density(0.5)
+    try:
+        assert cy._k.set_sparse_row_density(None) == 0.5
+        assert cy._k.set_sparse_row_density(None) is None
+        for bad in (-0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError, match="density"):
+                cy._k.set_sparse_row_density(bad)
+    finally:
+        cy._k.set_sparse_row_density(old)
+
+
+@pytest.mark.skipif("cython" not in fastmlp.available_backends(), reason="the cython backend is not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cython_sparse_first_layer_follows_a_sample_of_the_rows(dtype):
+    """Rows are looked at (and the sparse ones compressed) only when one of eight rows spread evenly over the
+    call is sparse: a lone sparse row among dense ones away from the sample takes the dense product, the same
+    row on a sampled place the sparse one."""
+    from fastmlp.backends import cython as cy
+
+    if not cy.SIMD_INFER:
+        pytest.skip("this build predicts through SciPy's BLAS: no outer-product road, no sparse first layer")
+    rng = _rng("sparse-sample", dtype)
+    sizes = [784, 100, 10]
+    weights, biases = _network(rng, sizes, dtype)
+    n = 800
+    X = rng.uniform(0.1, 1.0, size=(n, 784)).astype(dtype)
+    sparse_row = (rng.uniform(0.1, 1.0, 784) * (rng.uniform(size=784) < 0.1)).astype(dtype)
+
+    def run(Xc, share):
+        old = cy._k.set_sparse_row_density(share)
+        try:
+            out = np.empty((n, 10), dtype)
+            assert cy._k.forward_network(Xc, weights, biases, ACT["relu"], ACT["softmax"], out, 2, True)
+            return out
+        finally:
+            cy._k.set_sparse_row_density(old)
+
+    old_rows = cy._k.set_forward_gemm_rows(1)
+    try:
+        for place, road in ((1, 0.0), (n // 8, 1.0)):  # row 1 is off the sample, row n/8 on it
+            Xc = X.copy()
+            Xc[place] = sparse_row
+            got = run(Xc, None)
+            np.testing.assert_array_equal(got[place], run(Xc, road)[place], err_msg=f"row {place}")
+            _assert_close(got, REF.forward_network(Xc, weights, biases, "relu", "softmax"), dtype)
+    finally:
+        cy._k.set_forward_gemm_rows(old_rows)

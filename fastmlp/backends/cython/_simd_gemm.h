@@ -8,7 +8,9 @@
  *                  input, R = a transposed copy of W), the hidden deltas (R = W) and the weight
  *                  gradient fused with the update (L = the delta read transposed, R = the input);
  *   fm_nt:         C[i][o] = sum_k A[i][k] W[o][k], dot products on W as stored (inference);
- *   fm_transpose:  D = S.T, in register blocks (the transposed copy of W the forward pass reads).
+ *   fm_transpose:  D = S.T, in register blocks (the transposed copy of W the forward pass reads);
+ *   fm_sp_rows:    Z[r] = sum over row r's nonzeros x_k Wt[k], the sparse first layer of inference, on rows
+ *                  that fm_sp_compress_<t> (end of this file) compressed to their nonzeros.
  *
  * The avx512 build (-mavx512f ...) has 16 float / 8 double lanes and 32 registers; the avx2 build
  * (-mavx2 -mfma) 8 / 4 lanes and 16 registers.
@@ -26,6 +28,7 @@
 #define FASTMLP_SIMD_GEMM_H
 
 #include <stdint.h>
+#include <string.h>
 
 #define FM_INLINE static inline __attribute__((always_inline))
 #define FM_UNROLL _Pragma("GCC unroll 16")
@@ -84,6 +87,9 @@
 #define NT_MR 4
 #define NT_NR 5
 #define FM_VBYTES 64
+/* the sparse first layer's tiles: vectors per column tile, interleaved accumulator sets per row */
+#define SP_KV 2
+#define SP_SETS 4
 /* outputs of fm_nt per pass over the rows: keeps that slab of W (about 256 KiB) in L2 */
 #define NT_SLAB_BYTES (256 * 1024)
 
@@ -193,6 +199,8 @@ FM_INLINE void fm_tr8_pd(__m512d *r) {
 #define NT_MR 4
 #define NT_NR 3
 #define FM_VBYTES 32
+#define SP_KV 2
+#define SP_SETS 4
 #define NT_SLAB_BYTES (256 * 1024)
 
 static const int32_t fm_mask32[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -288,6 +296,17 @@ FM_INLINE double fm_rsum4(__m256d v) {
 
 #define FM_VBYTES 16
 #define FM_SCALAR_KERNELS(T, SUF)                                                                          \
+    static void fm_sp_rows_##SUF(int64_t nr, const int32_t *idx, const T *val, int64_t stride, const int64_t *cnt, \
+                                 const T *wt, int64_t ldt, int64_t n, T *z, int64_t ldz) {                   \
+        for (int64_t r = 0; r < nr; r++) {                                                                   \
+            T *zr = z + r * ldz;                                                                             \
+            for (int64_t j = 0; j < n; j++) zr[j] = 0;                                                       \
+            for (int64_t p = 0; p < cnt[r]; p++) {                                                           \
+                const T x = val[r * stride + p], *w = wt + (int64_t)idx[r * stride + p] * ldt;               \
+                for (int64_t j = 0; j < n; j++) zr[j] += x * w[j];                                           \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
     static void fm_nt_##SUF(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *W, int64_t ldw,  \
                             T *C, int64_t ldc, int *bad) {                                                   \
         (void)bad;                                                                                           \
@@ -374,5 +393,111 @@ static double fm_fma_peak_f64(int64_t iters) {
 #define FM_PEAK_VBYTES (FM_PEAK_AVX512 ? 64 : FM_PEAK_AVX2 ? 32 : 16)
 #define FM_PEAK_LANES_F32 (FM_PEAK_VBYTES / 4)
 #define FM_PEAK_LANES_F64 (FM_PEAK_VBYTES / 8)
+
+/* fm_prefetch: ask for the cache lines of [p, p + bytes) (a row of X ahead of its compressing) */
+static inline void fm_prefetch(const void *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
+}
+
+/* fm_sp_compress_<t>: the nonzeros of x[0:n] (NaN counts as nonzero) into idx / val, columns ascending;
+ * returns their count, or a count above limit as soon as it passes limit (the row is then not compressed).
+ * idx and val need room for n + 16 entries (the AVX-512 version stores whole vectors). */
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+/* A first look counts (16 or 8 at a time, stopping once past limit): a dense row is left after it, and only a
+ * sparse one pays the compressing stores.  T element, W lanes, MT mask, VI / IOTA / ISET1 / IADD / ISTORE /
+ * ICOMP the int32 column vector of W lanes, P the float suffix of the intrinsics (ps / pd). */
+#define FM_SP_AVX512(T, SUF, W, MT, VT, P, VI, IOTA, ISET1, IADD, ISTORE, ICOMP)                           \
+    static inline int64_t fm_sp_count_##SUF(const T *x, int64_t n, int64_t limit) {                         \
+        int64_t c = 0;                                                                                       \
+        const VT zero = _mm512_setzero_##P();                                                                \
+        for (int64_t k = 0; k < n; k += W) {                                                                 \
+            const MT m = n - k >= W ? (MT)((1u << W) - 1u) : (MT)((1u << (n - k)) - 1u);                     \
+            c += __builtin_popcount((unsigned)_mm512_mask_cmp_##P##_mask(m, _mm512_maskz_loadu_##P(m, x + k), \
+                                                                        zero, _CMP_NEQ_UQ));                \
+            if (c > limit)                                                                                   \
+                return c;                                                                                    \
+        }                                                                                                    \
+        return c;                                                                                            \
+    }                                                                                                        \
+    static int64_t fm_sp_compress_##SUF(const T *x, int64_t n, int64_t limit, int32_t *idx, T *val) {       \
+        const int64_t pre = fm_sp_count_##SUF(x, n, limit);                                                  \
+        if (pre > limit)                                                                                     \
+            return pre;                                                                                      \
+        int64_t c = 0;                                                                                       \
+        VI iota = IOTA;                                                                                      \
+        const VI step = ISET1(W);                                                                            \
+        const VT zero = _mm512_setzero_##P();                                                                \
+        for (int64_t k = 0; k < n; k += W) {                                                                 \
+            const MT m = n - k >= W ? (MT)((1u << W) - 1u) : (MT)((1u << (n - k)) - 1u);                     \
+            const VT v = _mm512_maskz_loadu_##P(m, x + k);                                                   \
+            const MT nz = _mm512_mask_cmp_##P##_mask(m, v, zero, _CMP_NEQ_UQ);                               \
+            _mm512_storeu_##P(val + c, _mm512_maskz_compress_##P(nz, v));                                    \
+            ISTORE((void *)(idx + c), ICOMP(nz, iota));                                                      \
+            c += __builtin_popcount((unsigned)nz);                                                           \
+            iota = IADD(iota, step);                                                                         \
+        }                                                                                                    \
+        return c;                                                                                            \
+    }
+FM_SP_AVX512(float, f32, 16, __mmask16, __m512, ps, __m512i,
+             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32,
+             _mm512_add_epi32, _mm512_storeu_si512, _mm512_maskz_compress_epi32)
+FM_SP_AVX512(double, f64, 8, __mmask8, __m512d, pd, __m256i, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+             _mm256_set1_epi32, _mm256_add_epi32, _mm256_storeu_si256, _mm256_maskz_compress_epi32)
+#undef FM_SP_AVX512
+#else
+#if defined(__AVX2__)
+/* the nonzeros of x[0:n] counted 8 or 4 at a time (NaN included), stopping once past limit: a dense row is left
+ * after a short look, and only a sparse one pays the compressing loop below */
+#define FM_SP_COUNT(T, SUF, VT, W, ZERO, LOAD, CMP, MOVEMASK, U, MAG)                                      \
+    static inline int64_t fm_sp_count_##SUF(const T *x, int64_t n, int64_t limit) {                         \
+        int64_t c = 0, k = 0;                                                                                \
+        const VT zero = ZERO();                                                                              \
+        for (; k + W <= n; k += W) {                                                                         \
+            c += __builtin_popcount((unsigned)MOVEMASK(CMP(LOAD(x + k), zero, _CMP_NEQ_UQ)));                \
+            if (c > limit)                                                                                   \
+                return c;                                                                                    \
+        }                                                                                                    \
+        for (; k < n; k++) {                                                                                 \
+            U bits;                                                                                          \
+            memcpy(&bits, x + k, sizeof bits);                                                               \
+            c += (bits & MAG) != 0;                                                                          \
+        }                                                                                                    \
+        return c;                                                                                            \
+    }
+FM_SP_COUNT(float, f32, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_cmp_ps, _mm256_movemask_ps, uint32_t,
+            0x7fffffffu)
+FM_SP_COUNT(double, f64, __m256d, 4, _mm256_setzero_pd, _mm256_loadu_pd, _mm256_cmp_pd, _mm256_movemask_pd, uint64_t,
+            0x7fffffffffffffffull)
+#undef FM_SP_COUNT
+#define FM_SP_PRECOUNT(SUF)                                                                                \
+    {                                                                                                        \
+        const int64_t pre = fm_sp_count_##SUF(x, n, limit);                                                  \
+        if (pre > limit)                                                                                     \
+            return pre;                                                                                      \
+    }
+#else
+#define FM_SP_PRECOUNT(SUF)
+#endif
+/* nonzero by the bits (NaN included), which -ffast-math cannot fold away */
+#define FM_SP_COMPRESS(T, SUF, U, MAG)                                                                     \
+    static int64_t fm_sp_compress_##SUF(const T *x, int64_t n, int64_t limit, int32_t *idx, T *val) {       \
+        FM_SP_PRECOUNT(SUF)                                                                                  \
+        int64_t c = 0;                                                                                       \
+        for (int64_t k = 0; k < n; k++) {                                                                    \
+            U bits;                                                                                          \
+            memcpy(&bits, x + k, sizeof bits);                                                               \
+            idx[c] = (int32_t)k;                                                                             \
+            val[c] = x[k];                                                                                   \
+            c += (bits & MAG) != 0;                                                                          \
+            if (c > limit)                                                                                   \
+                return c;                                                                                    \
+        }                                                                                                    \
+        return c;                                                                                            \
+    }
+FM_SP_COMPRESS(float, f32, uint32_t, 0x7fffffffu)
+FM_SP_COMPRESS(double, f64, uint64_t, 0x7fffffffffffffffull)
+#undef FM_SP_COMPRESS
+#undef FM_SP_PRECOUNT
+#endif
 
 #endif /* FASTMLP_SIMD_GEMM_H */

@@ -270,6 +270,77 @@ static void FN(fm_transpose)(int64_t rows, int64_t cols, const T *S, int64_t lds
     }
 }
 
+/* ================================================================================================
+ * The sparse first layer of inference: rows of X given as lists of (column, value) pairs, columns ascending
+ * (fm_sp_compress_<t> makes them), at idx / val + r * stride, cnt[r] of them.
+ *
+ *   fm_sp_rows:    Z[r][0:n] = sum_p val_r[p] Wt[idx_r[p]][0:n]               (r < nr)
+ *
+ * It goes over Z in column tiles of up to SP_KV vectors and takes the rows in turn inside a tile, so that
+ * the tile's slice of Wt stays in L1/L2 while every row visits it, and sums a row's list in SP_SETS
+ * interleaved accumulator sets, added at the end: each sum's order depends on the row's list alone.
+ * Skipping the zeros of X changes no value where W is finite: a zero's products are zeros.
+ * ================================================================================================ */
+FM_INLINE void FN(sp_rows_tile)(const int kv, const int masked, const int last, const int32_t *idx, const T *val,
+                                int64_t nnz, const T *wt, int64_t ldt, int64_t j, T *z) {
+    V a[SP_SETS][SP_KV];
+    FM_UNROLL for (int s = 0; s < SP_SETS; s++) FM_UNROLL for (int v = 0; v < kv; v++) a[s][v] = V_ZERO();
+    int64_t p = 0;
+    for (; p + SP_SETS <= nnz; p += SP_SETS) {
+        FM_UNROLL for (int s = 0; s < SP_SETS; s++) {
+            const T *r = wt + (int64_t)idx[p + s] * ldt + j;
+            const V x = V_SET1(val[p + s]);
+            FM_UNROLL for (int v = 0; v < kv; v++) {
+                const V w = (masked && v == kv - 1) ? V_LOADM(r + v * VN, last) : V_LOAD(r + v * VN);
+                a[s][v] = V_FMA(x, w, a[s][v]);
+            }
+        }
+    }
+    for (; p < nnz; p++) {
+        const T *r = wt + (int64_t)idx[p] * ldt + j;
+        const V x = V_SET1(val[p]);
+        FM_UNROLL for (int v = 0; v < kv; v++) {
+            const V w = (masked && v == kv - 1) ? V_LOADM(r + v * VN, last) : V_LOAD(r + v * VN);
+            a[0][v] = V_FMA(x, w, a[0][v]);
+        }
+    }
+    const V one = V_SET1((T)1);
+    FM_UNROLL for (int v = 0; v < kv; v++) {
+        V t = a[0][v];
+        FM_UNROLL for (int s = 1; s < SP_SETS; s++) t = V_FMA(one, a[s][v], t); /* t + a[s], rounded once */
+        if (masked && v == kv - 1)
+            V_STOREM(z + j + v * VN, t, last);
+        else
+            V_STORE(z + j + v * VN, t);
+    }
+}
+
+#define SP_T(F, KV, ...) case KV: if (masked) FN(F)(KV, 1, __VA_ARGS__); else FN(F)(KV, 0, __VA_ARGS__); break;
+#if SP_KV == 2
+#define SP_CASES(F, ...) SP_T(F, 1, __VA_ARGS__) default: SP_T(F, 2, __VA_ARGS__)
+#else
+#error "SP_KV must be 2"
+#endif
+
+static void FN(fm_sp_rows)(int64_t nr, const int32_t *idx, const T *val, int64_t stride, const int64_t *cnt,
+                           const T *wt, int64_t ldt, int64_t n, T *z, int64_t ldz) {
+    const int64_t nv = (n + VN - 1) / VN;
+    const int last = (int)(n - (nv - 1) * VN);
+    for (int64_t v0 = 0; v0 < nv; v0 += SP_KV) {
+        const int kv = (int)(nv - v0 < SP_KV ? nv - v0 : SP_KV);
+        const int masked = (v0 + kv == nv) && last < VN;
+        for (int64_t r = 0; r < nr; r++) {
+            const int32_t *ir = idx + r * stride;
+            const T *vr = val + r * stride;
+            T *zr = z + r * ldz;
+            switch (kv) { SP_CASES(sp_rows_tile, last, ir, vr, cnt[r], wt, ldt, v0 * VN, zr) }
+        }
+    }
+}
+
+#undef SP_CASES
+#undef SP_T
+
 #undef FN
 #undef FM_CAT
 #undef FM_CAT_
