@@ -930,23 +930,6 @@ def _view(typingctx, buf, off, rows, cols):
 
 
 # -------------------------------------------------------------------- parameters
-@register_jitable
-def _unpack(theta, sizes):
-    """Views ``W_l (sizes[l+1], sizes[l])`` and ``b_l (sizes[l+1],)`` into the flat parameter vector."""
-    L = sizes.shape[0] - 1
-    Ws = []
-    bs = []
-    off = 0
-    for i in range(L):
-        n_out = sizes[i + 1]
-        n_in = sizes[i]
-        Ws.append(theta[off : off + n_out * n_in].reshape((n_out, n_in)))
-        off += n_out * n_in
-        bs.append(theta[off : off + n_out])
-        off += n_out
-    return Ws, bs
-
-
 # ===================================================================== entries
 class LazyKernel:
     """An entry kernel compiled per dtype on first use with an explicit signature.
@@ -1111,26 +1094,6 @@ def dropout_mask(seed, step, layer, thr, scale, out):
     key = _mask_key(seed, step, layer)
     _mask_rows(out, key, thr, scale, 0, out.shape[0])
 
-
-@_kernel(lambda T: types.void(_a2(T, True), _a1(T, True), _I64_RO, _i64, _i64, _a2(T)))
-def forward_network(X, theta, sizes, hidden_act, output_act, out):
-    """Output activations ``out (n_samples, n_classes)`` of the network with flat parameters ``theta``.
-
-    ``sizes`` are the layer widths ``[n_in, n_1, ..., n_classes]``; ``theta``
-    holds ``W_0, b_0, W_1, b_1, ...`` one after the other, each C-ordered.
-    """
-    Ws, bs = _unpack(theta, sizes)
-    L = len(Ws)
-    n = X.shape[0]
-    A = X
-    for i in range(L):
-        if i == L - 1:
-            Z = out
-        else:
-            Z = np.empty((n, sizes[i + 1]), X.dtype)
-        np.dot(A, Ws[i].T, Z)
-        _bias_act_rows(Z, bs[i], output_act if i == L - 1 else hidden_act, 0, n)
-        A = Z
 
 
 def _block_arg_types(T):
