@@ -132,3 +132,29 @@ def test_the_fast_road_takes_only_what_it_can_use_as_it_is(rng):
         net.predict_proba(Xn)
     with pytest.raises(ValueError, match="features"):
         net.predict_proba(X[:, :5].astype(np.float32))
+
+
+def test_remembered_sample_stays_small_and_a_change_in_it_rescans():
+    """finite_checked keeps a bounded sample of a large array (64 rows, about 1,024 columns of wide rows) and
+    scans again when a sampled value changes in place."""
+    from fastmlp import _validation as V
+
+    W = np.zeros((200, 100_000))
+    assert V.finite_checked(W)
+    kept = V._SEEN[V._seen_key(W)][1]
+    assert kept.size < 70_000 and kept.shape[0] <= 70, kept.shape
+    X = np.zeros((20_000, 784))
+    assert V.finite_checked(X)
+    assert V._SEEN[V._seen_key(X)][1].shape[1] == 784  # rows up to 1,024 wide are kept whole
+    X[0, 3] = np.inf  # row 0 is in the sample
+    assert not V.finite_checked(X)
+    X[0, 3] = 0.5  # a finite change in the sample: scanned again and remembered anew
+    calls = []
+    real = V.all_finite
+    try:
+        V.all_finite = lambda a: calls.append(a.shape) or real(a)
+        assert V.finite_checked(X)
+        assert V.finite_checked(X)
+    finally:
+        V.all_finite = real
+    assert calls == [X.shape]
