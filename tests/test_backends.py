@@ -383,6 +383,7 @@ EPOCHS = {
     "softmax-mse-batch1": dict(sizes=[6, 5, 4], n=23, batch=1, output="softmax", loss="mse", keep=[0.5, 0.5]),
     "batch-bigger-than-data": dict(sizes=[10, 8, 3], n=40, batch=64, keep=[1.0, 0.5], inverted=False),
     "decay-clamped": dict(sizes=[8, 6, 3], n=40, batch=7, l2=20.0, lr=0.1),
+    "wide-both": dict(sizes=[800, 770, 3], n=37, batch=16, hidden="relu", output="softmax", loss="ce"),
     "wide-hidden": dict(sizes=[784, 256, 256, 10], n=230, batch=100, keep=[0.9, 0.5, 0.5], l2=1e-4),
     # ---- targets
     "binary-one-unit-ce": dict(sizes=[12, 7, 1], n=91, batch=16, output="sigmoid", loss="ce", alpha=1e-3),
@@ -701,6 +702,37 @@ def test_cython_threaded_epoch_matches_reference(monkeypatch, dtype, n_threads):
     for name in THREADED_CASES:
         _check_epoch(get_backend("cython"), name, dtype)
     assert set(cy._choice.speed) == {("forced", n_threads, 4)}  # every epoch went through the forced split
+
+
+@needs_cython
+@pytest.mark.parametrize("road", [True, False], ids=["dot-products-on-W", "outer-products-on-W.T"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cython_epoch_forward_products_either_road(dtype, road):
+    """Training's forward products by dot products on W as stored (fm_ntp) or by the outer-product kernel on W's
+    transpose give the reference's epoch on every case (every layer the one way, whatever the shape rule picks)."""
+    import fastmlp.backends.cython as cy
+
+    k = cy._k
+    old = k.set_train_forward_nt(road)
+    try:
+        assert k.train_forward_nt(784, 50, 4) == int(road) and k.train_forward_nt(30, 1000, 8) == int(road)
+        for name in EPOCHS:
+            _check_epoch(get_backend("cython"), name, dtype)
+    finally:
+        k.set_train_forward_nt(old)
+
+
+@needs_cython
+def test_cython_forward_road_rule():
+    """The shape rule (float32 layers up to 112 units or 768 by 768 take the dot products; float64 never)."""
+    import fastmlp.backends.cython as cy
+
+    if not cy._k.SIMD_GEMM:
+        pytest.skip("this build trains through BLAS")
+    rule = cy._k.train_forward_nt
+    assert [rule(784, 50, 4), rule(784, 112, 4), rule(784, 113, 4), rule(784, 256, 4)] == [1, 1, 0, 0]
+    assert [rule(1024, 1024, 4), rule(768, 768, 4), rule(767, 1024, 4), rule(64, 30, 4)] == [1, 1, 0, 0]
+    assert [rule(784, 50, 8), rule(1024, 1024, 8)] == [0, 0]
 
 
 @needs_cython

@@ -7,7 +7,8 @@
  *                  sums), rows of L and R given by pointer tables: the forward pass (L = the layer
  *                  input, R = a transposed copy of W), the hidden deltas (R = W) and the weight
  *                  gradient fused with the update (L = the delta read transposed, R = the input);
- *   fm_nt:         C[i][o] = sum_k A[i][k] W[o][k], dot products on W as stored (inference);
+ *   fm_nt:         C[i][o] = sum_k A[i][k] W[o][k], dot products on W as stored (inference; fm_ntp, rows of
+ *                  A by a pointer table: training's forward products where they beat fm_gemm on the transpose);
  *   fm_transpose:  D = S.T, in register blocks (the transposed copy of W the forward pass reads);
  *   fm_sp_rows:    Z[r] = sum over row r's nonzeros x_k Wt[k], the sparse first layer of inference, on rows
  *                  that fm_sp_compress_<t> (end of this file) compressed to their nonzeros.
@@ -314,6 +315,15 @@ FM_INLINE double fm_rsum4(__m256d v) {
             for (int64_t o = 0; o < N; o++) {                                                                \
                 T s = 0;                                                                                     \
                 for (int64_t k = 0; k < K; k++) s += A[i * lda + k] * W[o * ldw + k];                        \
+                C[i * ldc + o] = s;                                                                          \
+            }                                                                                                \
+    }                                                                                                        \
+    static void fm_ntp_##SUF(int64_t M, int64_t N, int64_t K, T *const *arows, const T *W, int64_t ldw,      \
+                             T *C, int64_t ldc) {                                                          \
+        for (int64_t i = 0; i < M; i++)                                                                      \
+            for (int64_t o = 0; o < N; o++) {                                                                \
+                T s = 0;                                                                                     \
+                for (int64_t k = 0; k < K; k++) s += arows[i][k] * W[o * ldw + k];                           \
                 C[i * ldc + o] = s;                                                                          \
             }                                                                                                \
     }                                                                                                        \

@@ -217,8 +217,8 @@ static void FN(nt_one_row)(int nr, int64_t K, const T *const *a, const T *const 
 /* C (M, N; ldc) = A (M, K; lda) @ W (N, K; ldw).T.  With bad != NULL, also *bad = 1 when W holds a NaN or an
  * infinity (an integer test of the exponent bits, fused into the first row tile, which reads every W[o][k]
  * once), else *bad is left as it is; the products are the same either way. */
-static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *W, int64_t ldw, T *C,
-                      int64_t ldc, int *bad) {
+static void FN(nt_core)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, T *const *arows, const T *W,
+                        int64_t ldw, T *C, int64_t ldc, int *bad) {
     const T *a[NT_MR];
     const T *w[NT_NR];
     VC_T chk = VC_ZERO();
@@ -228,7 +228,7 @@ static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, 
         const int64_t j1 = j0 + slab < N ? j0 + slab : N;
         int64_t i = 0;
         for (; i + NT_MR <= M; i += NT_MR) {
-            for (int r = 0; r < NT_MR; r++) a[r] = A + (i + r) * lda;
+            for (int r = 0; r < NT_MR; r++) a[r] = arows ? arows[i + r] : A + (i + r) * lda;
             for (int64_t j = j0; j < j1; j += NT_NR) {
                 const int nr = (int)(j1 - j < NT_NR ? j1 - j : NT_NR);
                 for (int q = 0; q < nr; q++) w[q] = W + (j + q) * ldw;
@@ -236,7 +236,7 @@ static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, 
             }
         }
         for (; i < M; i++) {
-            a[0] = A + i * lda;
+            a[0] = arows ? arows[i] : A + i * lda;
             for (int64_t j = j0; j < j1; j += NT_NR) {
                 const int nr = (int)(j1 - j < NT_NR ? j1 - j : NT_NR);
                 for (int q = 0; q < nr; q++) w[q] = W + (j + q) * ldw;
@@ -245,6 +245,15 @@ static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, 
         }
     }
     if (bad && VC_ANY(chk)) *bad = 1;
+}
+static void FN(fm_nt)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *W, int64_t ldw, T *C,
+                      int64_t ldc, int *bad) {
+    FN(nt_core)(M, N, K, A, lda, (T *const *)0, W, ldw, C, ldc, bad);
+}
+/* fm_nt with row i of A at arows[i] (training's forward products on W as stored: no transposed copy) */
+static void FN(fm_ntp)(int64_t M, int64_t N, int64_t K, T *const *arows, const T *W, int64_t ldw, T *C,
+                       int64_t ldc) {
+    FN(nt_core)(M, N, K, (const T *)0, 0, arows, W, ldw, C, ldc, (int *)0);
 }
 
 /* ================================================================================================
