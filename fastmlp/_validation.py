@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fastmlp.backends._aligned import empty_aligned
 from fastmlp.backends.contract import (
     ACT_CODES,
     DTYPES,
@@ -234,7 +235,12 @@ def as_features(X: object, dtype: np.dtype, name: str = "X", n_features: int | N
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features but the network expects {n_features}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a ValueError
-        out = np.ascontiguousarray(arr, dtype=dtype)  # no copy when X already has this dtype and layout
+        if arr.dtype == dtype and arr.flags.c_contiguous:
+            out = np.ascontiguousarray(arr)  # no copy when X already has this dtype and layout
+        else:
+            # the one copy starts on a cache line: the compiled epochs then read its rows where they are
+            out = empty_aligned(arr.shape, dtype)
+            np.copyto(out, arr, casting="unsafe")
     if not finite_checked(out):
         if not all_finite(arr):
             raise ValueError(f"{name} contains NaN or infinite values; remove or impute them first")

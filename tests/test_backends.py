@@ -722,6 +722,47 @@ def test_cython_epoch_forward_products_either_road(dtype, road):
         k.set_train_forward_nt(old)
 
 
+def _at_offset(X, offset):
+    """A copy of ``X`` whose data starts ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(X.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start : start + X.nbytes].view(X.dtype).reshape(X.shape)
+    out[...] = X
+    assert out.ctypes.data % 64 == offset
+    return out
+
+
+@needs_cython
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cython_epoch_reads_x_in_place_or_gathered_alike(dtype):
+    """Rows of X read in place (on a cache line or off it) or gathered first give the reference's epoch, and the
+    same bits as each other: the products' order depends on the shapes only."""
+    import fastmlp.backends.cython as cy
+
+    k = cy._k
+    for name in ("784-50-10", "adamw", "wide-hidden"):
+        cfg, weights0, biases0, X, Y, order, state0, sw = _epoch_case(name, dtype)
+        W_ref, b_ref = [w.copy() for w in weights0], [b.copy() for b in biases0]
+        _run_epoch(REF, cfg, dtype, W_ref, b_ref, X, Y, order, state0.copy(), sw)
+        results = []
+        for offset in (0, 16, 48):
+            for mode in (True, False, None):
+                old = k.set_x_in_place_unaligned(mode)
+                try:
+                    weights, biases = [w.copy() for w in weights0], [b.copy() for b in biases0]
+                    Xo = _at_offset(X, offset)
+                    _run_epoch(get_backend("cython"), cfg, dtype, weights, biases, Xo, Y, order, state0.copy(), sw)
+                finally:
+                    k.set_x_in_place_unaligned(old)
+                np.testing.assert_array_equal(Xo, X)
+                for w, wr in zip(weights + biases, W_ref + b_ref, strict=True):
+                    assert np.abs(w - wr).max() <= EPOCH_TOL[dtype] * max(1.0, np.abs(wr).max()), (name, offset, mode)
+                results.append(weights + biases)
+        for other in results[1:]:
+            for a, b in zip(results[0], other, strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 @needs_cython
 def test_cython_forward_road_rule():
     """The shape rule (float32 layers up to 112 units or 768 by 768 take the dot products; float64 never)."""

@@ -203,12 +203,21 @@ static void FN(nt_full_rows)(int nr, int64_t K, const T *const *a, const T *cons
         NT_CASES(NT_MR, 0)
     }
 }
-static void FN(nt_one_row)(int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc,
-                           VC_T *chk) {
+/* the last mr < NT_MR rows in one tile (each output's sum is the same whatever the tile's rows) */
+static void FN(nt_part_rows)(int mr, int nr, int64_t K, const T *const *a, const T *const *w, T *c, int64_t ldc,
+                             VC_T *chk) {
     if (chk) {
-        NT_CASES(1, 1)
+        switch (mr) {
+        case 1: NT_CASES(1, 1)
+        case 2: NT_CASES(2, 1)
+        default: NT_CASES(3, 1)
+        }
     } else {
-        NT_CASES(1, 0)
+        switch (mr) {
+        case 1: NT_CASES(1, 0)
+        case 2: NT_CASES(2, 0)
+        default: NT_CASES(3, 0)
+        }
     }
 }
 #undef NT_CASES
@@ -235,12 +244,13 @@ static void FN(nt_core)(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda
                 FN(nt_full_rows)(nr, K, a, w, C + i * ldc + j, ldc, bad && i == 0 ? &chk : (VC_T *)0);
             }
         }
-        for (; i < M; i++) {
-            a[0] = arows ? arows[i] : A + i * lda;
+        if (i < M) {
+            const int mr = (int)(M - i);
+            for (int r = 0; r < mr; r++) a[r] = arows ? arows[i + r] : A + (i + r) * lda;
             for (int64_t j = j0; j < j1; j += NT_NR) {
                 const int nr = (int)(j1 - j < NT_NR ? j1 - j : NT_NR);
                 for (int q = 0; q < nr; q++) w[q] = W + (j + q) * ldw;
-                FN(nt_one_row)(nr, K, a, w, C + i * ldc + j, ldc, bad && i == 0 ? &chk : (VC_T *)0);
+                FN(nt_part_rows)(mr, nr, K, a, w, C + i * ldc + j, ldc, bad && i == 0 ? &chk : (VC_T *)0);
             }
         }
     }
