@@ -88,10 +88,19 @@ def gemm_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
+def _simd_isa() -> str:
+    """The loaded Cython build's instruction set as the GEMM-peak line names it ("AVX-512", "AVX2")."""
+    try:
+        from fastmlp.backends import cython as cy
+    except ImportError:
+        return "SIMD"
+    return {"avx512": "AVX-512", "avx2": "AVX2"}.get(str(getattr(cy._k, "ISA", "")), "SIMD")
+
+
 def simd_gemm_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float | None:
     """Best-of-``repeats`` GFLOP/s of fastmlp's own SIMD matrix kernels on products of ``n`` rows by
     1024 by 1024 over two threads (the forward kernel, and the kernel that computes hidden deltas and
-    weight gradients), or None when the loaded Cython build has no such kernels (only avx512 has).
+    weight gradients), or None when the loaded Cython build has no such kernels (the baseline build).
 
     NumPy's BLAS alone understates a CPU whose vector units it does not use: SciPy's and NumPy's
     OpenBLAS builds run their AVX2 kernels on CPUs they do not know, AVX-512 ones included.
@@ -380,7 +389,7 @@ def run(quick: bool = False, configs: str = "abc", backends: list[str] | None = 
     peaks = {d: max(v for v in src.values() if v is not None) for d, src in peak_sources.items()}
     fma = {d: extra.fma_bound(d) for d in ("float32", "float64")}
     for d, src in peak_sources.items():
-        own = f", fastmlp's own AVX-512 kernel {src['fastmlp_simd']:.1f}" if src["fastmlp_simd"] else ""
+        own = f", fastmlp's own {_simd_isa()} kernel {src['fastmlp_simd']:.1f}" if src["fastmlp_simd"] else ""
         bound = f"; FMA bound {fma[d]:.1f} GFLOP/s (a compiled FMA loop on every CPU)" if fma[d] else \
             "; FMA bound not measured (needs the Cython build)"  # fmt: skip
         log(f"GEMM peak {d}: {peaks[d]:.1f} GFLOP/s, the best of NumPy's BLAS {src['numpy_blas']:.1f}{own} "

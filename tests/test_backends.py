@@ -254,8 +254,8 @@ def test_inplace_update(be, dtype, shape, lr, l2, l1):
 #: rows, inputs and outputs around the register tiles of the SIMD kernels of both builds and their vector
 #: widths, so that every partial tile, panel and masked tail runs at least once.  avx512: the outer-product
 #: kernel (forward on the transposed W, hidden delta, update) tiles up to 6 rows by 4 vectors of 16 float32 /
-#: 8 float64, the inference kernel (dot products) 4 rows by 5 outputs; avx2 (only when compiled with
-#: FASTMLP_AVX2_GEMM): 4 rows by 3 vectors of 8 / 4, and 4 rows by 3 outputs.  The transposed copy of W goes
+#: 8 float64, the dot-product kernel (inference, and training's forward where the shape rule picks it) 4 rows
+#: by 5 outputs; avx2: 4 rows by 3 vectors of 8 / 4, and 4 rows by 3 outputs.  The transposed copy of W goes
 #: in blocks of one vector width square.
 TILE_ROWS = (1, 2, 3, 4, 5, 6, 7, 9, 12, 13)
 #: widths of the vectorized dimension (a forward's outputs, a hidden delta's or an update's inputs)
@@ -640,7 +640,7 @@ def test_cython_variant_and_isa_override():
     forced = os.environ.get("FASTMLP_CYTHON_ISA")
     best = "avx512" if cy.cpu_has_avx512() else "avx2" if cy.cpu_has_avx2() else "baseline"
     assert cy.VARIANT == (forced or best)
-    assert cy.SIMD_GEMM == (cy.VARIANT == "avx512")  # avx2 keeps BLAS: its own kernels measured slower
+    assert cy.SIMD_GEMM == (cy.VARIANT in ("avx512", "avx2"))  # the baseline build trains through BLAS
     assert cy._k.ISA == cy.VARIANT
     code = (
         "import numpy as np, fastmlp.backends.cython as cy\n"
@@ -765,14 +765,18 @@ def test_cython_epoch_reads_x_in_place_or_gathered_alike(dtype):
 
 @needs_cython
 def test_cython_forward_road_rule():
-    """The shape rule (float32 layers up to 112 units or 768 by 768 take the dot products; float64 never)."""
+    """The shape rule (avx512: float32 layers up to 112 units or 768 by 768 take the dot products; avx2: float32
+    layers of 128 inputs or more; float64 never)."""
     import fastmlp.backends.cython as cy
 
     if not cy._k.SIMD_GEMM:
         pytest.skip("this build trains through BLAS")
     rule = cy._k.train_forward_nt
-    assert [rule(784, 50, 4), rule(784, 112, 4), rule(784, 113, 4), rule(784, 256, 4)] == [1, 1, 0, 0]
-    assert [rule(1024, 1024, 4), rule(768, 768, 4), rule(767, 1024, 4), rule(64, 30, 4)] == [1, 1, 0, 0]
+    if cy._k.ISA == "avx2":
+        assert [rule(784, 50, 4), rule(784, 256, 4), rule(128, 1000, 4), rule(127, 50, 4)] == [1, 1, 1, 0]
+    else:
+        assert [rule(784, 50, 4), rule(784, 112, 4), rule(784, 113, 4), rule(784, 256, 4)] == [1, 1, 0, 0]
+        assert [rule(1024, 1024, 4), rule(768, 768, 4), rule(767, 1024, 4), rule(64, 30, 4)] == [1, 1, 0, 0]
     assert [rule(784, 50, 8), rule(1024, 1024, 8)] == [0, 0]
 
 

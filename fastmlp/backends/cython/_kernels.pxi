@@ -80,7 +80,7 @@ cdef extern from "_simd_gemm.h" nogil:
     double fm_fma_peak_f32(int64_t iters)
     double fm_fma_peak_f64(int64_t iters)
 
-#: whether this build has its own SIMD matrix kernels (avx512; avx2 only when compiled with FASTMLP_AVX2_GEMM);
+#: whether this build trains with its own SIMD matrix kernels (avx512; avx2 unless compiled with FASTMLP_AVX2_BLAS);
 #: otherwise SciPy's BLAS does the products
 SIMD_GEMM = bool(FM_SIMD_GEMM)
 #: whether inference (``forward_network``) runs this build's own SIMD kernels (avx512 and avx2 builds)
@@ -1491,6 +1491,9 @@ def set_x_in_place_unaligned(on=None):
 cdef int _TRAIN_FWD_NT = -1
 
 
+cdef bint _ISA_AVX2 = ISA == "avx2"
+
+
 cpdef int train_forward_nt(Py_ssize_t n_in, Py_ssize_t n_out, Py_ssize_t item):
     """1 when training forwards a layer ``n_in -> n_out`` by dot products on ``W`` (``fm_ntp``), 0 when by the
     outer-product kernel on ``W``'s transpose (rewritten after every update).
@@ -1500,11 +1503,15 @@ cpdef int train_forward_nt(Py_ssize_t n_in, Py_ssize_t n_out, Py_ssize_t item):
     784-128-10 1.04, 784-256-10 1.02-1.03, 256-256-256-10 1.05, 64-30-10 1.13-1.16; float64 1.01-1.19 on every
     uniform-data shape.  So float32 layers with at most 112 units (the outer product's vectors are then
     partly empty and the transpose is a larger share of the step) or 768 by 768 and more take the dot products;
-    everything else keeps the outer product."""
+    everything else keeps the outer product.  The avx2 build (forced on the same machine), float32: 784-50-10
+    0.94, 784-256-10 0.95, 256-256-256-10 0.94, 784-512-10 0.94, 784-128-10 1.01, 64-30-10 1.05; float64 1.01:
+    so there every float32 layer of 128 inputs or more takes the dot products."""
     if _TRAIN_FWD_NT >= 0:
         return _TRAIN_FWD_NT
     if item != 4 or n_in < 128:
         return 0
+    if _ISA_AVX2:
+        return 1
     return 1 if n_out <= 112 or (n_in >= 768 and n_out >= 768) else 0
 
 

@@ -15,8 +15,8 @@
  *
  * The avx512 build (-mavx512f ...) has 16 float / 8 double lanes and 32 registers; the avx2 build
  * (-mavx2 -mfma) 8 / 4 lanes and 16 registers.
- * FM_SIMD_KERNELS builds compile these kernels (avx512, avx2); FM_SIMD_GEMM builds (avx512, and avx2 with
- * FASTMLP_AVX2_GEMM) train with them too, the others train through BLAS.  Elsewhere the plain
+ * FM_SIMD_KERNELS builds compile these kernels (avx512, avx2); FM_SIMD_GEMM builds (avx512, and avx2 unless
+ * compiled with FASTMLP_AVX2_BLAS) train with them too, the others train through BLAS.  Elsewhere the plain
  * loops at the end only keep the symbols defined.
  *
  * The summation order of every product depends on its shapes only (never on threads, alignment or
@@ -34,23 +34,26 @@
 #define FM_INLINE static inline __attribute__((always_inline))
 #define FM_UNROLL _Pragma("GCC unroll 16")
 
-/* The avx2 build trains with its own kernels (below) only when FASTMLP_AVX2_GEMM is defined: measured on a
- * Xeon (Skylake-SP, 2 vCPUs) with OpenBLAS on its Haswell kernels, they were slower than SciPy's BLAS
- * (784-256-256-10 b256 float64 epoch about 1.4x slower, float32 about 1.1x; 784-50-10 b100 no better),
- * so the avx2 build keeps BLAS for every shape. */
+/* The avx2 build trains with its own kernels too, unless FASTMLP_AVX2_BLAS is defined (then SciPy's BLAS does
+ * training's products).  An earlier version of these kernels measured slower than BLAS on a Xeon (Skylake-SP,
+ * 2 vCPUs, OpenBLAS on its Haswell kernels: 784-256-256-10 b256 float64 about 1.4x, float32 about 1.1x) and no
+ * better on the Zen 5 machine; with training's dot-product forward (fm_ntp) and X read in place, the forced
+ * avx2 build on the Zen 5 machine (AMD EPYC, 2 vCPUs), own kernels / BLAS, alternating processes: 784-50-10
+ * b100 float32 0.63-1.08x the epoch time (5 of 6 pairs below 0.8), float64 0.69-0.86x; 784-256-256-10 b256
+ * float32 0.70-0.75x, float64 0.87-0.93x; 784-1024-1024-10 b512 float32 0.97-0.98x. */
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__FMA__)
 #define FM_SIMD_GEMM 1
 #define FM_SIMD_KERNELS 1
 #define FM_ISA_NAME "avx512"
-#elif defined(__AVX2__) && defined(__FMA__) && defined(FASTMLP_AVX2_GEMM)
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(FASTMLP_AVX2_BLAS)
 #define FM_SIMD_GEMM 1
 #define FM_SIMD_KERNELS 1
 #define FM_ISA_NAME "avx2"
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FM_SIMD_GEMM 0
-/* the avx2 build's training keeps BLAS (above); its inference runs these kernels: measured on an AMD EPYC
- * (Zen 5) with the avx2 build forced, 784-100-10 float32, batch 1 about 4x and 10,000 rows about 3x
- * faster than SciPy's BLAS, whose per-call cost and thread start-up dominate such products */
+/* FASTMLP_AVX2_BLAS: training keeps BLAS; inference still runs these kernels (measured on the Zen 5 machine
+ * with the avx2 build forced, 784-100-10 float32, batch 1 about 4x and 10,000 rows about 3x faster than
+ * SciPy's BLAS, whose per-call cost and thread start-up dominate such products) */
 #define FM_SIMD_KERNELS 1
 #define FM_ISA_NAME "avx2"
 #else
