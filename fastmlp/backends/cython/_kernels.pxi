@@ -1167,8 +1167,8 @@ cdef void _epoch_worker(EpochCtx* c, floating* tag, int tid, int nth) noexcept n
             else:
                 p.step = lr * sqrt(c2) / c1
         for l in range(L):
-            # column blocks a multiple of 16 wide keep threads off each other's cache lines of W
-            align = 16 if sz[l] >= 64 * NB else 1
+            # column blocks of whole cache lines (16 float32 / 8 float64) keep threads off each other's lines of W
+            align = (64 // sizeof(floating)) if sz[l] >= 64 * NB else 1
             arows = NULL
             if FM_SIMD_GEMM:
                 arows = xr if (l == 0 and in_place) else <floating**>c.t_inp[l]
