@@ -262,8 +262,8 @@ TILE_ROWS = (1, 2, 3, 4, 5, 6, 7, 9, 12, 13)
 TILE_WIDTHS = (1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100, 131)
 #: the other dimension, taken in turn
 TILE_OTHER = (1, 5, 13, 6, 7)
-#: reductions longer than one block of the kernel's accumulation (avx512: 64 values of q, avx2: 256)
-LONG_REDUCTIONS = (255, 256, 257, 300, 520)
+#: reductions longer than one block of the kernel's accumulation (256 values of q in both builds)
+LONG_REDUCTIONS = (255, 256, 257, 300, 520, 769)
 
 
 def _check_products(be, rng, dtype, n, n_in, n_out, l2s=(0.0, 0.3, 20.0)):
