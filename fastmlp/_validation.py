@@ -204,6 +204,11 @@ def finite_checked(a: np.ndarray) -> bool:
     return True
 
 
+#: copies of X from this size on start on a cache line (a few microseconds more than NumPy's own allocation:
+#: not worth it for the rows of one prediction)
+_ALIGN_FROM_BYTES = 1 << 20
+
+
 def as_features(X: object, dtype: np.dtype, name: str = "X", n_features: int | None = None) -> np.ndarray:
     """Cast a feature matrix once to ``dtype``, C-contiguous, finite, 2-D.
 
@@ -235,10 +240,10 @@ def as_features(X: object, dtype: np.dtype, name: str = "X", n_features: int | N
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features but the network expects {n_features}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a ValueError
-        if arr.dtype == dtype and arr.flags.c_contiguous:
-            out = np.ascontiguousarray(arr)  # no copy when X already has this dtype and layout
+        if (arr.dtype == dtype and arr.flags.c_contiguous) or arr.size * dtype.itemsize < _ALIGN_FROM_BYTES:
+            out = np.ascontiguousarray(arr, dtype=dtype)  # no copy when X already has this dtype and layout
         else:
-            # the one copy starts on a cache line: the compiled epochs then read its rows where they are
+            # the one copy of a large X starts on a cache line: the compiled epochs then read its rows in place
             out = empty_aligned(arr.shape, dtype)
             np.copyto(out, arr, casting="unsafe")
     if not finite_checked(out):
