@@ -158,3 +158,24 @@ def test_remembered_sample_stays_small_and_a_change_in_it_rescans():
     finally:
         V.all_finite = real
     assert calls == [X.shape]
+
+
+@pytest.mark.parametrize("src", ["float64", "fortran", "uint8"])
+def test_the_one_cast_of_a_large_x_lands_on_a_cache_line(src):
+    """``as_features`` copies a large X of another dtype or layout into a buffer on a 64-byte boundary (the compiled
+    epochs then read its rows in place), with the values NumPy's cast gives; an X already right is not copied, and
+    overflow and NaN are still reported."""
+    rng = np.random.default_rng(3)
+    X = rng.uniform(0, 255, size=(700, 784))  # 2.2 MB as float32: above the aligned-copy threshold
+    Xs = {"float64": X, "fortran": np.asfortranarray(X.astype(np.float32)), "uint8": X.astype(np.uint8)}[src]
+    out = V.as_features(Xs, np.dtype(np.float32))
+    assert out.dtype == np.float32 and out.flags.c_contiguous and out.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(out, np.ascontiguousarray(Xs, dtype=np.float32))
+    assert V.as_features(out, np.dtype(np.float32)) is out
+    bad = Xs.astype(np.float64)
+    bad[5, 7] = 1e300
+    with pytest.raises(ValueError, match="overflows"):
+        V.as_features(bad, np.dtype(np.float32))
+    bad[5, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        V.as_features(bad, np.dtype(np.float32))

@@ -2113,7 +2113,8 @@ def train_epoch(X, Y, order, list weights, list biases, list state_weights, list
         ldw = [_ld(sz[l], item) for l in range(L)]
         ldt = [_ld(sz[l + 1], item) for l in range(L)]
         Wk = [_empty64((sz[l + 1], ldw[l]), dt) for l in range(L)]
-        Wt = [_empty64((sz[l], ldt[l]), dt) for l in range(L)]
+        # (a layer forwarding by dot products on W has no transposed copy: its table below points nowhere)
+        Wt = [_empty64((sz[l], ldt[l]), dt) if not fwd_nt[l] else None for l in range(L)]
         for l in range(L):
             Wk[l][:, :sz[l]] = weights[l]
             if not fwd_nt[l]:
@@ -2137,7 +2138,7 @@ def train_epoch(X, Y, order, list weights, list biases, list state_weights, list
     strides = [np.array(v, dtype=np.intp) for v in (ld, ldw, ldg, ldt)]
     # row tables of the SIMD products (empty in BLAS builds)
     if simd:
-        rt_wt = [_rows(Wt[l], sz[l], ldt[l]) for l in range(L)]
+        rt_wt = [_rows(Wt[l], sz[l], ldt[l]) if Wt[l] is not None else np.zeros(1, np.uintp) for l in range(L)]
         rt_w = [_rows(Wk[l], sz[l + 1], ldw[l]) for l in range(L)]
         rt_inp = [_rows(inp[l], nb, ld[l]) if inp[l] is not None else np.zeros(nb, np.uintp) for l in range(L)]
         rt_del = [np.zeros(1, np.uintp)] + [_rows(delta[l], nb, ld[l]) for l in range(1, L + 1)]

@@ -12,8 +12,8 @@
  * L[i][q] = lrow[i][q * ls] is broadcast, R[q][j] = rrow[q][roff + j] is loaded as vectors along j
  * and C row i starts at C + i * ldc: an outer-product kernel, no horizontal sums.  Register tiles of
  * pr <= GM_PR rows by kv <= GM_KV vectors accumulate over a block of at most GM_KC values of q (the
- * tile's slice of R, at most 64 KiB, then stays in L1 or L2 while the row tiles take it in turn) and are added into C block
- * by block.  Rows and vectors are dealt into tiles as evenly as possible.  Every C[i][j] is the same
+ * tile's slice of R, at most 64 KiB, then stays in L1 or L2 while the row tiles take it in turn) and are
+ * added into C block by block.  Rows and vectors are dealt into tiles as evenly as possible.  Every C[i][j] is the same
  * sequence of FMAs (q in order, block by block) whatever P and K are and whichever tile it falls in,
  * so results never depend on how the callers cut rows or columns.  With beta == 0, C is not read.
  * ================================================================================================ */
