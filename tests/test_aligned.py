@@ -18,14 +18,18 @@ def test_empty_aligned_starts_on_a_line_with_the_shape_asked(shape, dtype):
         assert a.flags.c_contiguous and a.flags.writeable
         if a.size:
             assert a.ctypes.data % ALIGN == 0
-        a[...] = 1  # the whole view is writable memory of its own
+        a[...] = 1  # every element of the view can be written and read back
         assert np.all(a == 1)
 
 
 def test_empty_aligned_zero_fills_and_accepts_numpy_integers():
-    a = empty_aligned((np.int64(9), np.int32(31)), "float32", zero=True)
-    assert a.shape == (9, 31) and not a.any()
-    assert a.ctypes.data % ALIGN == 0
+    for _ in range(8):  # dirty memory first, so that a fill left out shows up in the reused block
+        junk = empty_aligned((9, 31), "float32")
+        junk[...] = 7.0
+        del junk
+        a = empty_aligned((np.int64(9), np.int32(31)), "float32", zero=True)
+        assert a.shape == (9, 31) and not a.any()
+        assert a.ctypes.data % ALIGN == 0
 
 
 def test_empty_aligned_rejects_negative_dimensions():
